@@ -35,7 +35,7 @@ import dataclasses
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Concatenate, ParamSpec, TypeVar
 
 from devmapper.blockdev.base import BlockDevice
@@ -389,19 +389,43 @@ class PoolMetadata:
     def insert(self, dev: int, vblock: int, data_block: int) -> None:
         """Map vblock to data_block at the current time; the caller's reference to data_block passes to
         the mapping, and a replaced mapping's block is released (``dm_thin_insert_block``)."""
+        self._insert_many_locked(dev, [(vblock, data_block, self.time)])
+
+    @_writes
+    def insert_many(self, dev: int, mappings: Iterable[tuple[int, int, int]]) -> int:
+        """Insert (vblock, data_block, time) triples in one descent of the top level; returns how many
+        were new.  References pass as with ``insert``.  Used by restore."""
+        return self._insert_many_locked(dev, mappings)
+
+    def _insert_many_locked(self, dev: int, mappings: Iterable[tuple[int, int, int]]) -> int:
         d = self._details_of(dev)
         if d is None:
             raise DeviceError(f"device {dev} does not exist", "ENODATA")
-        value = pack_block_time(data_block, self.time)
-        inserted = [False]
+        nr_data = self.dsm.nr_blocks
+        added = [0]
 
         def change(sub: int) -> int:
-            new_root, inserted[0] = btree.insert(self.tm, sub, vblock, value, self.data_vt)
-            return new_root
+            for vblock, data_block, t in mappings:
+                if not 0 <= data_block < nr_data:
+                    raise DeviceError(f"data block {data_block} beyond the data device ({nr_data} blocks)")
+                if not 0 <= t < (1 << 24):
+                    raise DeviceError(f"mapping time {t} does not fit in 24 bits")
+                sub, new = btree.insert(self.tm, sub, vblock, pack_block_time(data_block, t), self.data_vt)
+                added[0] += new
+            return sub
 
         self.mapping_root = btree.update_subtree(self.tm, self.mapping_root, dev, self.top_vt, change)
-        if inserted[0]:
-            self._set_details(dev, dataclasses.replace(d, mapped_blocks=d.mapped_blocks + 1))
+        if added[0]:
+            self._set_details(dev, dataclasses.replace(d, mapped_blocks=d.mapped_blocks + added[0]))
+        return added[0]
+
+    @_writes
+    def set_device_details(self, dev: int, transaction_id: int, creation_time: int, snapshotted_time: int) -> None:
+        """Overwrite a device's recorded transaction id and times (restore only)."""
+        d = self._details_of(dev)
+        if d is None:
+            raise DeviceError(f"device {dev} does not exist", "ENODATA")
+        self._set_details(dev, DeviceDetails(d.mapped_blocks, transaction_id, creation_time, snapshotted_time))
 
     @_writes
     def remove(self, dev: int, vblock: int) -> bool:
