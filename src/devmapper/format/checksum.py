@@ -8,23 +8,36 @@ with a salt that names the block type.  The standard CRC-32C has a final xor of 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Final
 
-try:  # pragma: no cover - the C extension is a declared dependency; the table is a fallback
-    from crc32c import crc32c as _crc32c_std
-except ImportError:  # pragma: no cover
-    _TABLE = []
-    for _i in range(256):
-        _c = _i
-        for _ in range(8):
-            _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-        _TABLE.append(_c)
+Buffer = bytes | bytearray | memoryview
 
-    def _crc32c_std(data: bytes | bytearray | memoryview) -> int:
-        crc = 0xFFFFFFFF
-        for b in bytes(data):
-            crc = _TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-        return crc ^ 0xFFFFFFFF
+
+def _crc32c_table(data: Buffer) -> int:
+    """Standard CRC-32C, table-driven: the fallback when the C extension is missing (slow)."""
+    crc = 0xFFFFFFFF
+    for b in bytes(data):
+        crc = _TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _make_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_TABLE: Final = _make_table()
+_crc32c_std: Callable[[Buffer], int]
+try:
+    from crc32c import crc32c as _crc32c_std
+except ImportError:  # pragma: no cover - crc32c is a declared dependency
+    _crc32c_std = _crc32c_table
 
 
 class BlockType(enum.IntEnum):
@@ -39,7 +52,7 @@ class BlockType(enum.IntEnum):
 CSUM_OFFSET: Final = 4  # the checksum covers bytes 4..4095
 
 
-def raw_crc(data: bytes | bytearray | memoryview) -> int:
+def raw_crc(data: Buffer) -> int:
     """The kernel's crc32c(~0, data): CRC-32C register without the final xor."""
     return int(_crc32c_std(data)) ^ 0xFFFFFFFF
 

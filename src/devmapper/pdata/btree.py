@@ -338,28 +338,29 @@ def remove_range(
     ``on_remove(key, value)`` sees each removed entry before ``vt.dec`` releases its value.
     """
     removed = 0
+    count = 0
+
+    def leaf_fn(leaf: Node, i: int, present: bool) -> None:
+        nonlocal count
+        j = bisect_left(leaf.keys, end, lo=i)
+        gone = leaf.values[i:j]
+        keys = leaf.keys[i:j]
+        del leaf.keys[i:j]
+        del leaf.values[i:j]
+        for k, v in zip(keys, gone, strict=True):
+            if on_remove is not None:
+                on_remove(k, v)
+            if vt.dec is not None:
+                vt.dec(v)
+        count = j - i
+
     while True:
         found = lookup_next(tm, root, begin)
         if found is None or found[0] >= end:
             return root, removed
         first = found[0]
-        count = [0]
-
-        def leaf_fn(leaf: Node, i: int, present: bool) -> None:
-            j = bisect_left(leaf.keys, end, lo=i)
-            gone = leaf.values[i:j]
-            keys = leaf.keys[i:j]
-            del leaf.keys[i:j]
-            del leaf.values[i:j]
-            for k, v in zip(keys, gone, strict=True):
-                if on_remove is not None:
-                    on_remove(k, v)
-                if vt.dec is not None:
-                    vt.dec(v)
-            count[0] = j - i
-
         root = _remove_in_leaf(tm, root, first, vt, leaf_fn)
-        removed += count[0]
+        removed += count
         begin = first + 1
 
 

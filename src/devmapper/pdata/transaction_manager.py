@@ -57,7 +57,7 @@ class RefCounter(Protocol):
 
 
 class TransactionManager:
-    def __init__(self, bm: BlockManager, cache_blocks: int = 16384, max_dirty: int = 32768) -> None:
+    def __init__(self, bm: BlockManager, cache_blocks: int = 4096, max_dirty: int = 8192) -> None:
         self.bm = bm
         self.sm: RefCounter | None = None  # set by the metadata space map once it exists (bootstrap)
         self.cache_blocks = cache_blocks

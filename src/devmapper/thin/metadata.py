@@ -101,26 +101,26 @@ R = TypeVar("R")
 def _locked(fn: Callable[Concatenate[PoolMetadata, P], R]) -> Callable[Concatenate[PoolMetadata, P], R]:
     """Public entry: take the pool lock and refuse work after the failure latch closed."""
 
-    @functools.wraps(fn)
-    def wrapper(self: PoolMetadata, *args: P.args, **kwargs: P.kwargs) -> R:
+    def wrapper(self: PoolMetadata, /, *args: P.args, **kwargs: P.kwargs) -> R:
         with self._lock:
             if self._failed:
                 raise PoolFailedError("pool metadata has failed; only close is possible")
             return fn(self, *args, **kwargs)
 
+    functools.update_wrapper(wrapper, fn)
     return wrapper
 
 
 def _writes(fn: Callable[Concatenate[PoolMetadata, P], R]) -> Callable[Concatenate[PoolMetadata, P], R]:
     """A changing entry: also refuse read-only metadata and mark the transaction dirty."""
 
-    @functools.wraps(fn)
-    def wrapper(self: PoolMetadata, *args: P.args, **kwargs: P.kwargs) -> R:
+    def wrapper(self: PoolMetadata, /, *args: P.args, **kwargs: P.kwargs) -> R:
         if self.read_only:
             raise ReadOnlyError("pool metadata is open read-only")
         self._in_service = True
         return fn(self, *args, **kwargs)
 
+    functools.update_wrapper(wrapper, fn)
     return _locked(wrapper)
 
 

@@ -1,0 +1,176 @@
+"""``devmapper thin ...``: check, dump, restore, ls, delta and metadata-size.
+
+Flags, output and exit codes follow thin-provisioning-tools 0.9.0 (thin_check, thin_dump, ...), so
+scripts written for those tools work with ``devmapper thin <tool>`` in their place.  Input files are
+opened read-only by every command except restore's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, TextIO
+
+from devmapper.blockdev.file import FileBlockDevice
+from devmapper.cli.progress import ProgressBar
+from devmapper.errors import BlockDeviceError, ToolError
+from devmapper.units import METADATA_BLOCK_SIZE
+
+Handler = Any
+
+
+def open_metadata(path: str, write: bool = False) -> FileBlockDevice:
+    """Open a metadata file or device, refusing what clearly is not binary metadata."""
+    if os.path.isdir(path):
+        raise ToolError(f"{path}: is a directory")
+    if not os.path.exists(path):
+        raise ToolError(f"{path}: no such file or device")
+    dev = FileBlockDevice(path, read_only=not write)
+    if dev.size() < METADATA_BLOCK_SIZE:
+        dev.close()
+        raise ToolError(f"{path}: metadata device/file too small ({dev.size()} bytes); is this binary metadata?")
+    head = dev.read(0, 64).lstrip()
+    if head.startswith(b"<superblock") or head.startswith(b"<?xml"):
+        dev.close()
+        raise ToolError(f"{path}: looks like XML, not binary metadata (use 'devmapper thin restore')")
+    return dev
+
+
+def _metadata_snap_arg(value: str | bool) -> bool | int:
+    if value is True or value is False:
+        return value
+    text = str(value).lstrip("=")
+    if not text.isdigit():
+        raise ToolError(f"bad metadata snapshot block {value!r}")
+    return int(text)
+
+
+# -- dump --------------------------------------------------------------------------------------------
+
+
+def _dump(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from devmapper.thin.dump import dump
+    from devmapper.thin.xml import HumanReadableWriter, XmlWriter
+
+    dev = open_metadata(args.device)
+    target: TextIO = out
+    opened = None
+    try:
+        if args.output:
+            opened = target = open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+        writer = XmlWriter(target) if args.format == "xml" else HumanReadableWriter(target)
+        bar = ProgressBar("dumping", err)
+        dump(dev, writer, metadata_snap=_metadata_snap_arg(args.metadata_snap),
+             dev_ids=args.dev_id or None, skip_mappings=args.skip_mappings, progress=bar.update)
+        bar.close()
+    finally:
+        if opened is not None:
+            opened.close()
+        dev.close()
+    return 0
+
+
+# -- restore -----------------------------------------------------------------------------------------
+
+
+def _restore(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from devmapper.thin.restore import RestoreEmitter
+    from devmapper.thin.xml import parse_xml
+
+    if not os.path.isfile(args.input):
+        raise ToolError(f"{args.input}: no such input file")
+    if not os.path.exists(args.output):
+        raise ToolError(f"{args.output}: output file does not exist; create it first (e.g. truncate -s 64M)")
+    try:
+        dev = FileBlockDevice(args.output)
+    except BlockDeviceError as e:
+        raise ToolError(str(e)) from e
+    emitter = RestoreEmitter(dev)
+    try:
+        with open(args.input, "rb") as source:
+            parse_xml(source, emitter)
+    except BaseException:
+        emitter.fail()
+        dev.close()
+        raise
+    if not args.quiet and err.isatty():
+        err.write(f"restored {emitter.nr_mappings} mappings\n")
+    return 0
+
+
+# -- ls ----------------------------------------------------------------------------------------------
+
+
+def _ls(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from devmapper.thin import ls
+
+    fields = ls.DEFAULT_FIELDS if args.format is None else tuple(f for f in args.format.split(",") if f)
+    for f in fields:
+        if f not in ls.FIELDS:
+            raise ToolError(f"unknown field {f!r}; choose from {', '.join(ls.FIELDS)}")
+    dev = open_metadata(args.device)
+    try:
+        bar = ProgressBar("counting", err)
+        block_size, devices = ls.usage(dev, args.metadata_snap, bar.update)
+        bar.close()
+    finally:
+        dev.close()
+    out.write(ls.render(block_size, devices, fields, headers=not args.no_headers))
+    return 0
+
+
+# -- delta -------------------------------------------------------------------------------------------
+
+
+def _delta(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from devmapper.thin.delta import delta
+
+    if args.snap1 is None or args.snap2 is None:
+        raise ToolError("--snap1 and --snap2 are both required")
+    dev = open_metadata(args.device)
+    try:
+        delta(dev, out, args.snap1, args.snap2, metadata_snap=_metadata_snap_arg(args.metadata_snap),
+              verbose=args.verbose)
+    finally:
+        dev.close()
+    return 0
+
+
+# -- registration ------------------------------------------------------------------------------------
+
+
+def register(sub: Any) -> None:
+    thin = sub.add_parser("thin", help="thin-provisioning-tools equivalents (check, dump, restore, ls, ...)",
+                          description="Inspect, check and rebuild dm-thin pool metadata.")
+    tools = thin.add_subparsers(dest="tool", metavar="TOOL", required=True)
+
+    p = tools.add_parser("dump", help="dump metadata as XML (like thin_dump)")
+    p.add_argument("device", help="metadata device or file")
+    p.add_argument("-f", "--format", choices=["xml", "human_readable"], default="xml")
+    p.add_argument("-m", "--metadata-snap", nargs="?", const=True, default=False, metavar="BLOCK",
+                   help="dump the metadata snapshot (optionally naming its block)")
+    p.add_argument("-o", "--output", help="write to this file instead of standard output")
+    p.add_argument("--dev-id", type=int, action="append", help="dump only this device (repeatable)")
+    p.add_argument("--skip-mappings", action="store_true", help="devices only, no mappings")
+    p.set_defaults(handler=_dump)
+
+    p = tools.add_parser("restore", help="build metadata from XML (like thin_restore)")
+    p.add_argument("-i", "--input", required=True, help="XML produced by dump or thin_dump")
+    p.add_argument("-o", "--output", required=True, help="metadata file or device (must already exist)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(handler=_restore)
+
+    p = tools.add_parser("ls", help="list devices with mapped/exclusive/shared usage (like thin_ls)")
+    p.add_argument("device", help="metadata device or file")
+    p.add_argument("-m", "--metadata-snap", action="store_true", help="use the metadata snapshot")
+    p.add_argument("--no-headers", action="store_true")
+    p.add_argument("-o", "--format", help="comma-separated fields: " + "DEV,MAPPED_BLOCKS,... (see thin_ls)")
+    p.set_defaults(handler=_ls)
+
+    p = tools.add_parser("delta", help="differences between two thin devices (like thin_delta)")
+    p.add_argument("device", help="metadata device or file")
+    p.add_argument("--snap1", "--thin1", type=int, help="left device id")
+    p.add_argument("--snap2", "--thin2", type=int, help="right device id")
+    p.add_argument("-m", "--metadata-snap", nargs="?", const=True, default=False, metavar="BLOCK")
+    p.add_argument("--verbose", action="store_true", help="list every range with its data blocks")
+    p.set_defaults(handler=_delta)
