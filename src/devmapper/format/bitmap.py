@@ -62,11 +62,11 @@ def pack_bitmap(entries: bytes | bytearray, blocknr: int) -> bytearray:
     """Encode up to 16320 entries (values 0..3; missing tail entries are 0) into a stamped block."""
     if len(entries) > ENTRIES_PER_BLOCK:
         raise ValueError("too many bitmap entries")
-    raw = bytes(entries).ljust(ENTRIES_PER_BLOCK, b"\0")
-    enc = _ENCODE
-    body = bytes([enc[raw[i : i + 4]] for i in range(0, ENTRIES_PER_BLOCK, 4)])
     buf = bytearray(METADATA_BLOCK_SIZE)
-    buf[BITMAP_HEADER_SIZE:] = body
+    if entries.count(0) != len(entries):
+        raw = bytes(entries).ljust(ENTRIES_PER_BLOCK, b"\0")
+        enc = _ENCODE
+        buf[BITMAP_HEADER_SIZE:] = bytes([enc[raw[i : i + 4]] for i in range(0, ENTRIES_PER_BLOCK, 4)])
     validators.prepare_for_write(buf, blocknr, BlockType.BITMAP)
     return buf
 

@@ -17,11 +17,12 @@ from devmapper.format.records import IndexEntry
 
 
 class BitmapBlock:
-    """A space-map bitmap: 16320 entries of 0..3, one byte each."""
+    """A space-map bitmap: 16320 entries of 0..3, one byte each; ``None`` stands for all zero, so a
+    freshly grown space map can write thousands of empty bitmaps without holding 16 KiB for each."""
 
     __slots__ = ("blocknr", "entries")
 
-    def __init__(self, blocknr: int, entries: bytearray) -> None:
+    def __init__(self, blocknr: int, entries: bytearray | None) -> None:
         self.blocknr = blocknr
         self.entries = entries
 
@@ -30,10 +31,10 @@ class BitmapBlock:
         return cls(blocknr, unpack_bitmap(buf, blocknr))
 
     def pack(self) -> bytearray:
-        return pack_bitmap(self.entries, self.blocknr)
+        return pack_bitmap(self.entries if self.entries is not None else b"", self.blocknr)
 
     def copy(self, blocknr: int) -> BitmapBlock:
-        return BitmapBlock(blocknr, bytearray(self.entries))
+        return BitmapBlock(blocknr, None if self.entries is None else bytearray(self.entries))
 
 
 class IndexBlock:

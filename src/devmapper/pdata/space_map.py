@@ -72,10 +72,8 @@ class SpaceMap:
         page = self._pages.get(i)
         if page is None:
             e = self.index[i]
-            if e.blocknr == 0:
-                page = bytearray(E)
-            else:
-                page = bytearray(self.tm.read(e.blocknr, BitmapBlock.unpack, BitmapBlock).entries)
+            entries = None if e.blocknr == 0 else self.tm.read(e.blocknr, BitmapBlock.unpack, BitmapBlock).entries
+            page = bytearray(E) if entries is None else bytearray(entries)
             self._pages[i] = page
         return page
 
@@ -172,23 +170,34 @@ class SpaceMap:
     # -- commit helpers --------------------------------------------------------------------------
 
     def _write_pages(self) -> list[int]:
-        """Copy every changed page into its (shadowed or new) bitmap block; returns the pages written."""
+        """Copy every changed page into its (shadowed or new) bitmap block; returns the pages written.
+
+        A page never loaded since the space map grew is all zero: its new bitmap block is written
+        without materialising the page (a pool of 2^32 data blocks has 263,000 of them).
+        """
         written = []
         while self._unwritten:
-            i = min(self._unwritten)
-            e = self.index[i]
-            if e.blocknr == 0:
-                bmp = self.tm.new_block(lambda b: BitmapBlock(b, bytearray(E)))
-            else:
-                bmp, _ = self.tm.shadow(e.blocknr, BitmapBlock.unpack, BitmapBlock)
-            self._unwritten.discard(i)
-            page = self._pages[i]
-            bmp.entries[:] = page
+            for i in sorted(self._unwritten):
+                self._write_page(i)
+                written.append(i)
+        return written
+
+    def _write_page(self, i: int) -> None:
+        e = self.index[i]
+        if e.blocknr == 0:
+            bmp = self.tm.new_block(lambda b: BitmapBlock(b, None))
+        else:
+            bmp, _ = self.tm.shadow(e.blocknr, BitmapBlock.unpack, BitmapBlock)
+        self._unwritten.discard(i)
+        page = self._pages.get(i)
+        if page is None:
+            bmp.entries = None
+            self.index[i] = IndexEntry(bmp.blocknr, E, 0)
+        else:
+            bmp.entries = bytearray(page)
             # Like the kernel, count the phantom entries past nr_blocks in a partial last bitmap as free.
             nfb = page.find(0)
             self.index[i] = IndexEntry(bmp.blocknr, page.count(0), E if nfb < 0 else nfb)
-            written.append(i)
-        return written
 
     def _apply_overflow(self) -> None:
         """Carry pending counts >= 3 into the overflow tree (0 = remove the entry)."""
@@ -204,16 +213,12 @@ class SpaceMap:
                 del self._overflow[b]
 
     def _grow_pages(self, new_nr_blocks: int) -> None:
+        """Cover more blocks.  New bitmaps start all free and are only materialised when touched."""
         old_pages = nr_bitmaps(self.nr_blocks)
         self.nr_blocks = new_nr_blocks
         for i in range(old_pages, nr_bitmaps(new_nr_blocks)):
-            self.index.append(IndexEntry(0, 0, 0))
-            self._pages[i] = bytearray(E)
-            self._committed[i] = bytes(E)
+            self.index.append(IndexEntry(0, E, 0))
             self._unwritten.add(i)
-        if old_pages:
-            self._page(old_pages - 1)
-            self._unwritten.add(old_pages - 1)
 
     def _end_transaction(self) -> None:
         self._committed.clear()
@@ -286,6 +291,7 @@ class MetadataSpaceMap(SpaceMap):
         sm = cls(tm, SmRoot(nr_blocks, 0, 1, 2), index)
         for j in range(k):
             sm._pages[j] = bytearray(E)
+            sm._unwritten.add(j)
             tm.place(BitmapBlock(3 + j, bytearray(E)))
         tm.place(IndexBlock(1, []))
         tm.place(Node.empty(2, leaf=True, value_size=REF_COUNT_VT.size))

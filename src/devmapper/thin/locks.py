@@ -1,0 +1,147 @@
+"""The two locks of the pool's I/O path: the commit gate and the virtual-block lock table.
+
+Theory of operation
+-------------------
+The kernel serialises bios on a block with its *bio prison* (a cell per virtual block) and keeps
+commits apart from in-flight mappings by running both in one worker thread.  A userspace engine has
+many threads, so it needs the same two guarantees as explicit locks:
+
+* ``CommitGate`` -- a readers/writer lock.  Every I/O step that writes a data block or changes a
+  mapping holds it *shared*; ``commit``, pool messages and resizes hold it *exclusive*.  That gives
+  three properties at once: (1) data written to a new block has reached the data device before the
+  commit that maps it starts flushing the data device (the kernel's pre-commit flush); (2) a block
+  freed by a discard cannot be reallocated (that needs a commit) while the freeing step is still
+  punching a hole in it; (3) ``create_snap`` sees no write half-way between "the mapping is not
+  shared" and "the data went in place", which is why the kernel asks the origin to be suspended.
+  The gate prefers writers, so a commit is not starved by a stream of I/O.  Never take it twice
+  in one thread.
+
+* ``BlockLocks`` -- one mutex per (thin id, virtual block) in use, created on demand and dropped
+  when its last user leaves.  Reads and writes of a block hold it across lookup and data I/O, so two
+  writers provision an unmapped block once, and a block cannot be unmapped and freed under a read.
+  Holders of several keys take them in ascending order; everybody else holds at most one key, so
+  the table cannot deadlock.
+
+Lock order: gate, then block locks, then the pool's metadata lock (``Pool._md_lock``), then
+``PoolMetadata``'s own lock.  Nothing waits for the gate while holding a block lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable, Iterable, Iterator
+from contextlib import contextmanager
+
+
+class CommitGate:
+    """A writer-preferring readers/writer lock (not reentrant)."""
+
+    __slots__ = ("_cond", "_exclusive", "_shared", "_waiting")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    def acquire_shared(self) -> None:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._shared -= 1
+            if not self._shared and self._waiting:
+                self._cond.notify_all()
+
+    def acquire_exclusive(self) -> None:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+
+    def release_exclusive(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        self.acquire_shared()
+        try:
+            yield
+        finally:
+            self.release_shared()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        self.acquire_exclusive()
+        try:
+            yield
+        finally:
+            self.release_exclusive()
+
+
+class _Entry:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
+class BlockLocks:
+    """Mutexes keyed by any hashable (the pool uses ``(thin id, virtual block)``)."""
+
+    __slots__ = ("_mutex", "_table")
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._table: dict[Hashable, _Entry] = {}
+
+    def acquire(self, key: Hashable) -> _Entry:
+        """Block until key is ours; pass the result to ``release``."""
+        with self._mutex:
+            entry = self._table.get(key)
+            if entry is None:
+                entry = self._table[key] = _Entry()
+            entry.users += 1
+        entry.lock.acquire()
+        return entry
+
+    def release(self, key: Hashable, entry: _Entry) -> None:
+        entry.lock.release()
+        with self._mutex:
+            entry.users -= 1
+            if not entry.users:
+                del self._table[key]
+
+    @contextmanager
+    def hold(self, key: Hashable) -> Iterator[None]:
+        entry = self.acquire(key)
+        try:
+            yield
+        finally:
+            self.release(key, entry)
+
+    @contextmanager
+    def hold_all(self, keys: Iterable[Hashable]) -> Iterator[None]:
+        """Hold every key; the caller passes them in ascending order (see the module docstring)."""
+        held: list[tuple[Hashable, _Entry]] = []
+        try:
+            for key in keys:
+                held.append((key, self.acquire(key)))
+            yield
+        finally:
+            for key, entry in reversed(held):
+                self.release(key, entry)
+
+    def __len__(self) -> int:
+        with self._mutex:
+            return len(self._table)
