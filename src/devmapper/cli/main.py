@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from devmapper import __version__
-from devmapper.cli import demo, thintools
+from devmapper.cli import demo as demo_cmd
+from devmapper.cli import thintools as thin_cmd
 from devmapper.errors import DevmapperError
 
 
@@ -24,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-V", "--version", action="version", version=f"devmapper {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    thintools.register(sub)
-    demo.register(sub)
+    thin_cmd.register(sub)
+    demo_cmd.register(sub)
     return parser
 
 
@@ -33,7 +34,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["thin", "metadata-size"]:
+        # thin_metadata_size has getopt-style options with optional attached arguments that argparse
+        # cannot express; they go through verbatim.
+        args = parser.parse_args(["thin", "metadata-size"])
+        args.args = argv[2:]
+    else:
+        args = parser.parse_args(argv)
     try:
         code: int = args.handler(args, out, err)
     except DevmapperError as e:

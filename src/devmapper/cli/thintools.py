@@ -45,6 +45,65 @@ def _metadata_snap_arg(value: str | bool) -> bool | int:
     return int(text)
 
 
+# -- check -------------------------------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from devmapper.thin.check import check_metadata
+    from devmapper.thin.metadata import PoolMetadata
+
+    if args.clear_needs_check_flag and (args.metadata_snap or args.skip_mappings or args.super_block_only
+                                        or args.ignore_non_fatal_errors):
+        raise ToolError("--clear-needs-check-flag cannot be combined with partial checks or ignored errors")
+    dev = open_metadata(args.device)
+    bar = ProgressBar("checking", err)
+    try:
+        report = check_metadata(dev, metadata_snap=args.metadata_snap, skip_mappings=args.skip_mappings,
+                                super_block_only=args.super_block_only, progress=bar.stage)
+    finally:
+        bar.close()
+        dev.close()
+    if not args.quiet:
+        if report.trans_id is not None:
+            out.write(f"TRANSACTION_ID={report.trans_id}\n")
+        if report.metadata_free_blocks is not None:
+            out.write(f"METADATA_FREE_BLOCKS={report.metadata_free_blocks}\n")
+        for d in report.defects:
+            err.write(f"{'error' if d.fatal else 'warning'}: {d.message}\n")
+        for rule, n in report.suppressed.items():
+            err.write(f"... and {n} more {rule} defects\n")
+    failing = [d for d in report.defects if d.fatal or not args.ignore_non_fatal_errors]
+    if failing or report.suppressed:
+        return 1
+    if args.clear_needs_check_flag and report.needs_check:
+        pmd = PoolMetadata.open(FileBlockDevice(args.device))
+        pmd.clear_needs_check()
+        pmd.close()
+    return 0
+
+
+# -- metadata-size -----------------------------------------------------------------------------------
+
+
+def _metadata_size(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from devmapper.thin import metadata_size as ms
+
+    try:
+        opts = ms.parse_metadata_size_args(args.args)
+    except ms.MetadataSizeError as e:
+        err.write(e.render("devmapper thin metadata-size", "devmapper thin metadata-size"))
+        return 1
+    if opts.action is ms.Action.HELP:
+        out.write(ms.help_text("devmapper thin metadata-size"))
+    elif opts.action is ms.Action.VERSION:
+        from devmapper import __version__
+
+        out.write(f"{__version__}\n")
+    else:
+        out.write(ms.format_metadata_size(opts, "devmapper thin metadata-size"))
+    return 0
+
+
 # -- dump --------------------------------------------------------------------------------------------
 
 
@@ -143,6 +202,21 @@ def register(sub: Any) -> None:
     thin = sub.add_parser("thin", help="thin-provisioning-tools equivalents (check, dump, restore, ls, ...)",
                           description="Inspect, check and rebuild dm-thin pool metadata.")
     tools = thin.add_subparsers(dest="tool", metavar="TOOL", required=True)
+
+    p = tools.add_parser("check", help="validate metadata (like thin_check, plus data reference counts)")
+    p.add_argument("device", help="metadata device or file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no output; the exit code tells")
+    p.add_argument("-m", "--metadata-snap", action="store_true", help="check the metadata snapshot's trees only")
+    p.add_argument("--skip-mappings", action="store_true", help="do not walk the per-device mapping trees")
+    p.add_argument("--super-block-only", action="store_true", help="check the superblock only")
+    p.add_argument("--ignore-non-fatal-errors", action="store_true", help="exit 0 on leaks and other minor defects")
+    p.add_argument("--clear-needs-check-flag", action="store_true", help="clear NEEDS_CHECK if the check passes")
+    p.set_defaults(handler=_check)
+
+    p = tools.add_parser("metadata-size", help="estimate the metadata size for a pool (like thin_metadata_size)",
+                         add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="thin_metadata_size options: -b SIZE -s SIZE -m N ...")
+    p.set_defaults(handler=_metadata_size)
 
     p = tools.add_parser("dump", help="dump metadata as XML (like thin_dump)")
     p.add_argument("device", help="metadata device or file")

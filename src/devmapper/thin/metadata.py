@@ -286,6 +286,15 @@ class PoolMetadata:
         self._in_service = True
         self._commit_locked()
 
+    @_locked
+    def clear_needs_check(self) -> None:
+        """Clear NEEDS_CHECK and commit (thin_check --clear-needs-check-flag, after a clean check)."""
+        if self.read_only:
+            raise ReadOnlyError("pool metadata is open read-only")
+        self.flags &= ~NEEDS_CHECK_FLAG
+        self._in_service = True
+        self._commit_locked()
+
     # -- devices ---------------------------------------------------------------------------------
 
     def _details_of(self, dev: int) -> DeviceDetails | None:
