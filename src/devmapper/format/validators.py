@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from devmapper.errors import BlockLocationError, ChecksumError
+from devmapper.errors import BlockLocationError, ChecksumError, MetadataError
 from devmapper.format.checksum import BlockType, block_csum
 from devmapper.units import METADATA_BLOCK_SIZE
 
@@ -27,6 +27,8 @@ def prepare_for_write(buf: bytearray, blocknr: int, kind: BlockType) -> None:
 
 def check(buf: bytes | bytearray | memoryview, blocknr: int, kind: BlockType, name: str) -> None:
     """Raise ChecksumError or BlockLocationError if buf is not a valid block of this kind at blocknr."""
+    if len(buf) != METADATA_BLOCK_SIZE:
+        raise MetadataError(f"block {blocknr}: {name} is {len(buf)} bytes, not {METADATA_BLOCK_SIZE}")
     stored = int.from_bytes(bytes(buf[0:4]), "little")
     computed = block_csum(buf, kind)
     if stored != computed:
