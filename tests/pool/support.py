@@ -72,8 +72,7 @@ def our_check(meta: Path) -> None:
         report = fn(dev)
     finally:
         dev.close()
-    defects = getattr(report, "defects", report)
-    assert not list(defects), report
+    assert report.ok, report.defects
 
 
 def check_metadata_clean(meta: Path) -> None:

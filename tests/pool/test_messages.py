@@ -160,3 +160,16 @@ def test_create_snap_waits_for_in_flight_writes_to_the_origin(files: PoolFiles) 
                         block = data[b * BLOCK : (b + 1) * BLOCK]
                         assert block == block[:8] * (BLOCK // 8)
     files.check()
+
+
+def test_a_reused_thin_id_starts_empty(files: PoolFiles) -> None:
+    with files.open() as pool:
+        pool.message("create_thin 1")
+        with pool.open_thin(1, 2048) as vol:
+            vol.write(0, b"old life")
+        pool.message("delete 1")
+        pool.message("create_thin 1")
+        with pool.open_thin(1, 2048) as vol:
+            assert vol.read(0, 8) == bytes(8) and vol.status() == "0 -"
+        assert pool.status().split()[2] == "0/256"
+    files.check()

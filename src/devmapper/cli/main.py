@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from devmapper import __version__
+from devmapper.cli import daemon as daemon_cmd
 from devmapper.cli import demo as demo_cmd
+from devmapper.cli import nbd as nbd_cmd
 from devmapper.cli import thintools as thin_cmd
 from devmapper.errors import DevmapperError
 
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     thin_cmd.register(sub)
     demo_cmd.register(sub)
+    nbd_cmd.register(sub)
+    daemon_cmd.register(sub)
     return parser
 
 

@@ -99,6 +99,20 @@ class DataDevice:
 
     # -- reading and writing ---------------------------------------------------------------------
 
+    def pread(self, offset: int, length: int) -> bytes:
+        """length bytes from offset as a new ``bytes`` (one copy, straight from the kernel)."""
+        if self.fd < 0:
+            return self.dev.read(offset, length)
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as e:
+            raise self._error("read", offset, e) from e
+        if len(data) != length:
+            buf = bytearray(data) + bytearray(length - len(data))
+            self.read_into(offset + len(data), memoryview(buf)[len(data) :])
+            return bytes(buf)
+        return data
+
     def read_into(self, offset: int, buf: memoryview) -> None:
         """Fill buf from offset (buf lies within the device)."""
         if self.fd < 0:

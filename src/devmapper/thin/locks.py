@@ -13,8 +13,8 @@ many threads, so it needs the same two guarantees as explicit locks:
   freed by a discard cannot be reallocated (that needs a commit) while the freeing step is still
   punching a hole in it; (3) ``create_snap`` sees no write half-way between "the mapping is not
   shared" and "the data went in place", which is why the kernel asks the origin to be suspended.
-  The gate prefers writers, so a commit is not starved by a stream of I/O.  Never take it twice
-  in one thread.
+  The gate is phase-fair (readers and writers take turns), so neither a stream of I/O nor a loop
+  of snapshots starves the other.  Never take it twice in one thread.
 
 * ``BlockLocks`` -- one mutex per (thin id, virtual block) in use, created on demand and dropped
   when its last user leaves.  Reads and writes of a block hold it across lookup and data I/O, so two
@@ -22,8 +22,8 @@ many threads, so it needs the same two guarantees as explicit locks:
   Holders of several keys take them in ascending order; everybody else holds at most one key, so
   the table cannot deadlock.
 
-Lock order: gate, then block locks, then the pool's metadata lock (``Pool._md_lock``), then
-``PoolMetadata``'s own lock.  Nothing waits for the gate while holding a block lock.
+Lock order: gate, then block locks, then the pool's metadata lock (``Pool._md_lock``) and state
+lock, then ``PoolMetadata``'s own lock.  Nothing waits for the gate while holding a block lock.
 """
 
 from __future__ import annotations
@@ -34,21 +34,32 @@ from contextlib import contextmanager
 
 
 class CommitGate:
-    """A writer-preferring readers/writer lock (not reentrant)."""
+    """A phase-fair readers/writer lock (not reentrant).
 
-    __slots__ = ("_cond", "_exclusive", "_shared", "_waiting")
+    A reader arriving while a writer holds or awaits the gate queues; the writer's release admits
+    every queued reader at once, before any later writer.  So writers are not starved by a stream
+    of readers, and readers are not starved by a stream of writers (a snapshot loop).
+    """
+
+    __slots__ = ("_cond", "_exclusive", "_phase", "_queued", "_shared", "_waiting")
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._shared = 0
         self._exclusive = False
-        self._waiting = 0
+        self._waiting = 0  # writers waiting
+        self._queued = 0  # readers waiting for the next writer release
+        self._phase = 0  # writer releases so far
 
     def acquire_shared(self) -> None:
         with self._cond:
-            while self._exclusive or self._waiting:
-                self._cond.wait()
-            self._shared += 1
+            if not self._exclusive and not self._waiting:
+                self._shared += 1
+                return
+            self._queued += 1
+            phase = self._phase
+            while self._phase == phase:
+                self._cond.wait()  # release_exclusive counts us in _shared
 
     def release_shared(self) -> None:
         with self._cond:
@@ -69,6 +80,10 @@ class CommitGate:
     def release_exclusive(self) -> None:
         with self._cond:
             self._exclusive = False
+            if self._queued:
+                self._shared += self._queued
+                self._queued = 0
+                self._phase += 1
             self._cond.notify_all()
 
     @contextmanager

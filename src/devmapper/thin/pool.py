@@ -23,13 +23,23 @@ Modes (``PoolMode``, the kernel's ``set_pool_mode``):
 * ``FAIL`` -- aborting or setting NEEDS_CHECK failed.  All I/O fails; only ``close`` works.
 
 Commits (``commit``) hold the commit gate exclusively (``locks.py``), flush the data device, then
-commit the metadata: a mapping is never durable before its data.  They happen on flush/FUA of a
+commit the metadata: a mapping is never durable before its data.  Discard passdown for blocks freed
+in the transaction happens right after that, still under the gate (``queue_passdown``): never while
+the committed metadata may map them, never after they could have been reallocated.  They happen on flush/FUA of a
 device changed in this transaction, at most ``commit_period`` (1 s) after the first change, after
 every successful message, on resize, on ``status`` (unless ``noflush``) and on ``close``.
 
+Use::
+
+    with Pool.open("meta.img", "data.img", data_block_size=128, low_water_mark=64) as pool:
+        pool.message("create_thin 0")
+        with pool.open_thin(0, size_sectors=2 << 20) as vol:  # 1 GiB, whatever the pool holds
+            vol.write(0, b"hello", fua=True)
+        print(pool.status_line())  # 0 <len> thin-pool 1 .../... 1/... - rw discard_passdown ...
+
 Locks: the gate; per-block locks; ``_md_lock`` serialising metadata *changes* with mode decisions
 (lookups go straight to ``PoolMetadata``, which has its own lock); ``_state`` (mode, waiters, open
-volumes).  Order: gate, block locks, ``_md_lock``, ``_state``.
+volumes).  Order: gate, block locks, ``_md_lock``, ``_state``, ``PoolMetadata``'s lock.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import ClassVar, TypeVar
+from typing import TypeVar
 
 from devmapper.blockdev.base import BlockDevice
 from devmapper.blockdev.file import FileBlockDevice
@@ -47,6 +57,15 @@ from devmapper.errors import DeviceError, DevmapperError, NoSpaceError, PoolFail
 from devmapper.thin.background import EventDispatcher, PeriodicCommitter, PoolEvent
 from devmapper.thin.data_device import DataDevice
 from devmapper.thin.locks import BlockLocks, CommitGate
+from devmapper.thin.messages import (
+    CreateSnap,
+    CreateThin,
+    Delete,
+    ReserveMetadataSnap,
+    SetTransactionId,
+    parse_message,
+    split_message,
+)
 from devmapper.thin.metadata import PoolMetadata, metadata_blocks_of
 from devmapper.thin.status import (
     PoolFeatures,
@@ -55,11 +74,9 @@ from devmapper.thin.status import (
     PoolTable,
     metadata_low_water_mark,
     metadata_reserve,
-    parse_dev_id,
-    parse_u64,
     target_line,
 )
-from devmapper.thin.volume import OutOfDataSpaceError, PoolIOError, ThinVolume
+from devmapper.thin.volume import OutOfDataSpaceError, PoolIOError, ThinVolume, runs
 from devmapper.units import METADATA_BLOCK_SIZE, SECTOR_SIZE
 
 log = logging.getLogger(__name__)
@@ -138,15 +155,15 @@ class Pool:
         self._closing = False
         self._open_thins: dict[int, int] = {}
         self._changed: set[int] = set()
+        self._passdown: list[tuple[int, int]] = []  # data block runs to punch at the next commit
         self._low_water_triggered = False
         self._meta_below_threshold = False
-        self._metadata_reserve_reached = False
+        self._meta_free_at_commit = md.nr_free_metadata_blocks()
         self._meta_threshold = metadata_low_water_mark(metadata_blocks_of(metadata_dev))
         self._events = EventDispatcher(None if event_callback is None else (lambda e: event_callback(self, e)), name)
         self._committer = PeriodicCommitter(self._periodic_commit, commit_period, name)
-        with self._md_lock:
-            start = PoolMode.READ_ONLY if table.features.read_only or md.needs_check else PoolMode.WRITE
-            self._set_mode_locked(start)
+        if table.features.read_only or md.needs_check:
+            self._mode = PoolMode.READ_ONLY  # NEEDS_CHECK: never WRITE until repaired
 
     @classmethod
     def open(
@@ -225,6 +242,10 @@ class Pool:
     # -- properties ------------------------------------------------------------------------------
 
     @property
+    def closed(self) -> bool:
+        return self._closing
+
+    @property
     def mode(self) -> PoolMode:
         return self._mode
 
@@ -259,44 +280,21 @@ class Pool:
 
     def message(self, text: str) -> None:
         """A pool message with the kernel's syntax (``pool_message``); errors carry errno_name."""
-        argv = text.split()
-        if not argv:
-            raise DeviceError("Empty message", "EINVAL")
+        argv = split_message(text)
         self._check_messages_allowed()
-        handler = self._MESSAGES.get(argv[0].lower())
-        if handler is None:
-            raise DeviceError(f"Unrecognised thin pool target message received: {argv[0]}", "EINVAL")
-        nargs, fn = handler
-        if len(argv) != nargs:
-            raise DeviceError(f"Message received with {len(argv)} arguments instead of {nargs}.", "EINVAL")
-        fn(self, argv[1:])
-
-    def _msg_create_thin(self, args: list[str]) -> None:
-        self.create_thin(parse_dev_id(args[0]))
-
-    def _msg_create_snap(self, args: list[str]) -> None:
-        self.create_snap(parse_dev_id(args[0]), parse_dev_id(args[1]))
-
-    def _msg_delete(self, args: list[str]) -> None:
-        self.delete(parse_dev_id(args[0]))
-
-    def _msg_set_transaction_id(self, args: list[str]) -> None:
-        self.set_transaction_id(parse_u64(args[0], "transaction id"), parse_u64(args[1], "new transaction id"))
-
-    def _msg_reserve(self, args: list[str]) -> None:
-        self.reserve_metadata_snap()
-
-    def _msg_release(self, args: list[str]) -> None:
-        self.release_metadata_snap()
-
-    _MESSAGES: ClassVar[dict[str, tuple[int, Callable[[Pool, list[str]], None]]]] = {
-        "create_thin": (2, _msg_create_thin),
-        "create_snap": (3, _msg_create_snap),
-        "delete": (2, _msg_delete),
-        "set_transaction_id": (3, _msg_set_transaction_id),
-        "reserve_metadata_snap": (1, _msg_reserve),
-        "release_metadata_snap": (1, _msg_release),
-    }
+        cmd = parse_message(argv)
+        if isinstance(cmd, CreateThin):
+            self.create_thin(cmd.dev_id)
+        elif isinstance(cmd, CreateSnap):
+            self.create_snap(cmd.dev_id, cmd.origin_id)
+        elif isinstance(cmd, Delete):
+            self.delete(cmd.dev_id)
+        elif isinstance(cmd, SetTransactionId):
+            self.set_transaction_id(cmd.current, cmd.new)
+        elif isinstance(cmd, ReserveMetadataSnap):
+            self.reserve_metadata_snap()
+        else:
+            self.release_metadata_snap()
 
     def create_thin(self, dev: int) -> None:
         """A new empty thin device (EEXIST if the id is taken)."""
@@ -310,10 +308,10 @@ class Pool:
         """Delete a thin device and free its unshared blocks (EBUSY while a volume has it open)."""
 
         def op() -> None:
-            with self._state:
+            with self._state:  # held across the delete so open_thin cannot slip in between
                 if self._open_thins.get(dev):
                     raise DeviceError(f"thin device {dev} is open", "EBUSY")
-            self.md.delete(dev)
+                self.md.delete(dev)
 
         self._run_message(op)
 
@@ -376,10 +374,12 @@ class Pool:
             raise DeviceError("pool is closed", "ENODEV")
         if self._mode is PoolMode.FAIL:
             raise DeviceError("Couldn't open thin device, Pool is in fail mode", "EINVAL")
-        if not self.md.device_exists(dev_id):
-            raise DeviceError(f"thin device {dev_id} does not exist", "ENODATA")
         origin_data = None if origin is None else DataDevice(_as_device(origin, read_only=True))
         with self._state:
+            if not self.md.device_exists(dev_id):
+                if origin_data is not None:
+                    origin_data.close()
+                raise DeviceError(f"thin device {dev_id} does not exist", "ENODATA")
             self._open_thins[dev_id] = self._open_thins.get(dev_id, 0) + 1
         names = (pool_dev or self.name, None if origin is None else origin_dev or _name_of(origin, "origin"))
         return ThinVolume(self, dev_id, size_sectors, origin_data, names[0], names[1])
@@ -400,8 +400,17 @@ class Pool:
     # -- commit ----------------------------------------------------------------------------------
 
     def commit(self) -> None:
-        """Flush the data device, then commit the metadata (nothing is written if nothing changed)."""
+        """Flush the data device, then commit the metadata (nothing is written if nothing changed).
+
+        The data device is flushed twice: first while I/O goes on (that writes back most dirty data),
+        then with the gate held, so only what was written in between stalls the pool.
+        """
         self._check_open()
+        if self._mode < PoolMode.OUT_OF_METADATA_SPACE:
+            try:
+                self.data.flush()
+            except DevmapperError:
+                pass  # the flush under the gate reports it
         with self.gate.exclusive():
             self._commit_exclusive()
 
@@ -424,9 +433,30 @@ class Pool:
                 raise PoolIOError(f"commit failed: {e}") from e
             self._changed.clear()
             self._committer.clean()
-            self._metadata_reserve_reached = False
+            self._meta_free_at_commit = self.md.nr_free_metadata_blocks()
+            self._pass_down_locked()
             self._check_for_metadata_space_locked()
             self._check_for_data_space_locked()
+
+    def queue_passdown(self, blocks: list[int]) -> None:
+        """Data blocks a discard freed; the next commit punches them (see ``volume.py``)."""
+        if blocks:
+            with self._md_lock:
+                self._passdown.extend(runs(sorted(blocks)))
+
+    def _pass_down_locked(self) -> None:
+        """Punch the queued blocks: the commit just made their unmapping durable, and the gate keeps
+        them from being reallocated until it is released.  Failures only cost space (logged)."""
+        queued, self._passdown = self._passdown, []
+        for lo, hi in queued:
+            free = [b for b in range(lo, hi) if not self.md.data_block_count(b)]
+            for b0, b1 in runs(free):
+                try:
+                    if not self.data.punch(b0 * self.block_bytes, (b1 - b0) * self.block_bytes):
+                        return
+                except DevmapperError as e:
+                    log.warning("%s: discard passdown failed: %s", self.name, e)
+                    return
 
     def _check_open(self) -> None:
         if self._closing:
@@ -464,7 +494,9 @@ class Pool:
             self._set_mode_locked(PoolMode.FAIL)
             return False
         self._changed.clear()
+        self._passdown.clear()  # the unmappings were rolled back
         self._committer.clean()
+        self._meta_free_at_commit = self.md.nr_free_metadata_blocks()
         return True
 
     def _metadata_operation_failed_locked(self, op: str, e: BaseException) -> None:
@@ -480,9 +512,17 @@ class Pool:
             return
         self._set_mode_locked(PoolMode.READ_ONLY)
 
+    def _free_metadata_locked(self) -> int:
+        """Metadata blocks this transaction can still allocate (the kernel's ``sm_metadata_get_nr_free``:
+        free at the last commit minus allocated since).  Blocks freed in the open transaction do not
+        count: they cannot be reused before the commit.  Every block allocated since the commit is a
+        dirty block of the transaction manager until the commit writes it (or, in transactions over
+        ``max_dirty`` blocks, an early write-back does -- then this is optimistic)."""
+        return min(self.md.nr_free_metadata_blocks(), self._meta_free_at_commit - self.md.tm.nr_dirty)
+
     def _reported_free_metadata_locked(self) -> int:
-        free = self.md.nr_free_metadata_blocks() - metadata_reserve(self.md.nr_metadata_blocks())
-        return max(0, free)
+        """Free metadata as reported (``dm_pool_get_free_metadata_block_count``): less the reserve."""
+        return max(0, self._free_metadata_locked() - metadata_reserve(self.md.nr_metadata_blocks()))
 
     def _check_for_metadata_space_locked(self) -> None:
         if self._mode < PoolMode.OUT_OF_METADATA_SPACE and not self._reported_free_metadata_locked():
@@ -526,6 +566,18 @@ class Pool:
         self._check_open()
         with self.gate.exclusive():
             self._resume_exclusive()
+
+    def rebind(self, low_water_mark: int, features: PoolFeatures) -> None:
+        """A reloaded thin-pool table took this pool over (``bind_control_target``): its low water mark
+        and feature flags apply from now on.  Devices, block size, ``read_only`` and discard support
+        stay as they are; the caller refuses tables that would change them (as ``pool_ctr`` does)."""
+        with self._state:
+            self.params = PoolTable(
+                self.params.metadata_dev, self.params.data_dev, self.params.data_block_size, low_water_mark, features
+            )
+            self.zero_new_blocks = not features.skip_block_zeroing
+            if self._mode is PoolMode.WRITE or features.error_if_no_space:
+                self._error_if_no_space = features.error_if_no_space
 
     @staticmethod
     def _grow_device(dev: BlockDevice, new_size: int | None) -> None:
@@ -657,8 +709,8 @@ class Pool:
             self._require_write_locked()
             free = self.md.nr_free_data_blocks()
             self._check_low_water_locked(free)
-            if not free:
-                return None
+            if not free or not self._reported_free_metadata_locked():
+                return None  # wait_for_space commits: that frees data blocks or enters read-only
             try:
                 b = self.md.alloc_data_block()
             except NoSpaceError as e:
@@ -697,14 +749,11 @@ class Pool:
         if dev is not None:
             self._changed.add(dev)
         self._committer.mark_dirty()
-        free = self.md.nr_free_metadata_blocks()
-        below = free <= self._meta_threshold
+        below = self._free_metadata_locked() <= self._meta_threshold
         if below and not self._meta_below_threshold:
             log.warning("%s: reached low water mark for metadata device: sending event.", self.name)
             self._events.post(PoolEvent.METADATA_LOW_WATER_MARK)
         self._meta_below_threshold = below
-        if free <= metadata_reserve(self.md.nr_metadata_blocks()):
-            self._metadata_reserve_reached = True
 
     def _check_low_water_locked(self, free: int) -> None:
         with self._state:
@@ -714,17 +763,13 @@ class Pool:
         log.warning("%s: reached low water mark for data device: sending event.", self.name)
         self._events.post(PoolEvent.LOW_WATER_MARK)
 
-    def after_provision(self) -> None:
-        """Commit early once the metadata reserve is reached (the kernel's "commit before we use up
-        the metadata reserve"); the commit then switches to out-of-metadata-space.  No locks held."""
-        if self._metadata_reserve_reached and self._mode is PoolMode.WRITE:
-            self.commit()
-
     def wait_for_space(self) -> None:
         """A writer found no free data block.  Returns when it should retry; raises
         ``OutOfDataSpaceError`` (error mode, timeout) or the mode's error.  Call with no locks held."""
         if self._mode is PoolMode.WRITE:
-            self.commit()  # blocks freed in this transaction become allocatable
+            # Blocks freed in this transaction become allocatable; a commit that leaves no
+            # metadata to spare switches the pool to out-of-metadata-space (the retry then fails).
+            self.commit()
             with self._md_lock:
                 if self._mode is not PoolMode.WRITE or self.md.nr_free_data_blocks():
                     return

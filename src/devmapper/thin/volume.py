@@ -16,14 +16,17 @@ under the block lock of its (thin id, virtual block), see ``locks.py``:
   mapping durable flushes the data device first; the commit gate keeps the two in order).
   "Shared" is the kernel's time-stamp test: the mapping is older than the device's last snapshot.
 * discard: whole blocks only (a partial block is left alone, as the kernel does).  Mappings are
-  removed; blocks whose reference count drops to 0 are passed down (holes punched) unless
-  ``no_discard_passdown``.  A block still shared with a snapshot is only unmapped here.  Blocks
-  freed in a transaction cannot be reallocated before the next commit (space-map rule), and that
-  commit cannot start while the hole is being punched (gate), so passdown never hits live data.
+  removed; blocks whose reference count drops to 0 are queued for passdown (a punched hole) unless
+  ``no_discard_passdown``.  A block still shared with a snapshot is only unmapped here.  The pool
+  punches queued blocks inside the commit that makes their unmapping durable, before anything can
+  reallocate them: until that commit the *committed* metadata may still map such a block (say the
+  origin broke sharing with a snapshot and the snapshot then discarded the block), so punching it
+  at once -- as the kernel does -- can zero flushed data if the machine dies before the commit.
 * write-zeroes: partial blocks are written with zeroes; whole blocks are unmapped when nothing
   shows through (no external origin) and the pool may change metadata, else zeroed in place.
 * flush: commit if this thin changed in the current transaction, else flush the data device.
-  FUA: in-place pieces are written with ``RWF_DSYNC``, then a flush as above if the thin changed.
+  FUA: in-place pieces are written with ``RWF_DSYNC``, then a flush as above if the thin changed
+  (write-zeroes with FUA simply flushes at the end).
 
 When no data block is free the piece drops all its locks and asks the pool (``wait_for_space``),
 which commits, queues or raises according to the pool's mode and no-space policy, then retries.
@@ -68,7 +71,7 @@ def _payload_len(payload: Payload) -> int:
     return payload if isinstance(payload, int) else len(payload)
 
 
-def _runs(sorted_items: list[int]) -> Iterator[tuple[int, int]]:
+def runs(sorted_items: list[int]) -> Iterator[tuple[int, int]]:
     """[begin, end) runs of consecutive integers in an ascending list."""
     i = 0
     while i < len(sorted_items):
@@ -119,7 +122,7 @@ class ThinVolume:
             return
         self._closed = True
         try:
-            if self.pool.mode is not PoolMode.FAIL:
+            if self.pool.mode is not PoolMode.FAIL and not self.pool.closed:
                 self.pool.flush_device(self.dev_id)
         finally:
             self.pool.close_thin(self.dev_id)
@@ -147,9 +150,27 @@ class ThinVolume:
     # -- read ------------------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
+        vblock, within = divmod(offset, self._bs)
+        if 0 < length <= self._bs - within:  # one block: read straight into the result
+            self._check(offset, length)
+            data = self._read_mapped(vblock, within, length)
+            if data is not None:
+                return data
         buf = bytearray(length)
         self.readinto(offset, buf)
         return bytes(buf)
+
+    def _read_mapped(self, vblock: int, within: int, length: int) -> bytes | None:
+        """Bytes within one block, or None when they come from the external origin."""
+        pool, key = self.pool, (self.dev_id, vblock)
+        entry = pool.locks.acquire(key)
+        try:
+            r = pool.md.lookup(self.dev_id, vblock)
+            if r is None:
+                return bytes(length) if self.origin is None else None
+            return pool.data.pread(r.data_block * self._bs + within, length)
+        finally:
+            pool.locks.release(key, entry)
 
     def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         """Fill buf with the volume's bytes from offset."""
@@ -159,14 +180,10 @@ class ThinVolume:
             self._read_piece(vblock, within, out[pos : pos + n])
 
     def _read_piece(self, vblock: int, within: int, out: memoryview) -> None:
-        pool, dev = self.pool, self.dev_id
-        if self.origin is None and pool.md.lookup(dev, vblock) is None:
-            _zero_fill(out)  # nothing to read; a concurrent first write is ordered after us
-            return
-        key = (dev, vblock)
+        pool, key = self.pool, (self.dev_id, vblock)
         entry = pool.locks.acquire(key)
         try:
-            r = pool.md.lookup(dev, vblock)
+            r = pool.md.lookup(self.dev_id, vblock)
             if r is not None:
                 pool.data.read_into(r.data_block * self._bs + within, out)
             elif self.origin is not None:
@@ -201,7 +218,6 @@ class ThinVolume:
     def _put(self, vblock: int, within: int, payload: Payload, fua: bool) -> None:
         while not self._try_put(vblock, within, payload, fua):
             self.pool.wait_for_space()
-        self.pool.after_provision()
 
     def _try_put(self, vblock: int, within: int, payload: Payload, fua: bool) -> bool:
         """One piece under the gate and its block lock; False when no data block was free."""
@@ -270,9 +286,7 @@ class ThinVolume:
     def _put_data(self, offset: int, payload: Payload, fua: bool) -> None:
         data = self.pool.data
         if isinstance(payload, int):
-            data.zero(offset, payload)
-            if fua:
-                data.flush()
+            data.zero(offset, payload)  # write_zeroes flushes at the end when asked for FUA
         else:
             data.write(offset, [payload], fua)
 
@@ -301,17 +315,17 @@ class ThinVolume:
         begin, end = -(-offset // bs), (offset + length) // bs
         can_unmap = unmap and self.origin is None and pool.mode < PoolMode.OUT_OF_METADATA_SPACE
         if begin >= end or not can_unmap:
-            self._zero_pieces(offset, length, fua)
+            self._zero_pieces(offset, length)
         else:
-            self._zero_pieces(offset, begin * bs - offset, fua)
+            self._zero_pieces(offset, begin * bs - offset)
             self._unmap(begin, end, pool.discard_enabled and pool.discard_passdown)
-            self._zero_pieces(end * bs, offset + length - end * bs, fua)
+            self._zero_pieces(end * bs, offset + length - end * bs)
         if fua:
-            self._complete_fua()
+            pool.flush_device(self.dev_id)
 
-    def _zero_pieces(self, offset: int, length: int, fua: bool) -> None:
+    def _zero_pieces(self, offset: int, length: int) -> None:
         for vblock, within, _pos, n in self._pieces(offset, length):
-            self._put(vblock, within, n, fua)
+            self._put(vblock, within, n, False)
 
     def _unmap(self, begin: int, end: int, passdown: bool) -> None:
         pool, dev = self.pool, self.dev_id
@@ -327,20 +341,14 @@ class ThinVolume:
         with pool.gate.shared(), pool.locks.hold_all((dev, v) for v in vblocks):
             freed = pool.change(dev, lambda: self._remove_locked(vblocks))
             if passdown:
-                self._passdown(freed)
+                pool.queue_passdown(freed)
 
     def _remove_locked(self, vblocks: list[int]) -> list[int]:
         """Remove the runs of vblocks; return the data blocks nothing references any more."""
         md, removed = self.pool.md, []
-        for lo, hi in _runs(vblocks):
+        for lo, hi in runs(vblocks):
             md.remove_range(self.dev_id, lo, hi, on_remove=lambda _v, d: removed.append(d))
         return [d for d in removed if md.data_block_count(d) == 0]
-
-    def _passdown(self, freed: list[int]) -> None:
-        bs = self._bs
-        for lo, hi in _runs(sorted(freed)):
-            if not self.pool.data.punch(lo * bs, (hi - lo) * bs):
-                return
 
     # -- sector interface ------------------------------------------------------------------------
 

@@ -1,0 +1,114 @@
+"""``devmapper daemon``: run the userspace device-mapper (the kernel's role) in the foreground.
+
+The daemon holds every mapped device, serves ``<runtime dir>/control`` and keeps its devices in
+``<state dir>/devices.json``, so that after a restart (even after SIGKILL) every device, pool and
+table comes back.  SIGTERM, SIGINT and SIGHUP shut it down cleanly: devices are flushed and pools
+committed.  ``udmsetup`` starts it on demand (in the background, logging to ``<runtime
+dir>/daemon.log``) when nothing answers on the socket.
+
+Directories: ``--runtime-dir``/``--state-dir`` win; then ``$DEVMAPPER_RUNTIME_DIR`` and
+``$DEVMAPPER_STATE_DIR``; then, as root, ``/run/devmapper`` and ``/var/lib/devmapper``; otherwise
+``$XDG_RUNTIME_DIR/devmapper`` (or ``/tmp/devmapper-<uid>``) and ``$XDG_STATE_HOME/devmapper`` (or
+``~/.local/state/devmapper``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from devmapper.control.server import Daemon, DaemonRunningError
+
+LOG_NAME = "daemon.log"
+
+
+def runtime_dir_from_env(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("DEVMAPPER_RUNTIME_DIR"):
+        return Path(env["DEVMAPPER_RUNTIME_DIR"])
+    if os.geteuid() == 0:
+        return Path("/run/devmapper")
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "devmapper"
+    return Path(f"/tmp/devmapper-{os.getuid()}")
+
+
+def state_dir_from_env(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get("DEVMAPPER_STATE_DIR"):
+        return Path(env["DEVMAPPER_STATE_DIR"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/devmapper")
+    if env.get("XDG_STATE_HOME"):
+        return Path(env["XDG_STATE_HOME"]) / "devmapper"
+    return Path.home() / ".local" / "state" / "devmapper"
+
+
+def spawn(runtime_dir: Path, state_dir: Path) -> None:
+    """Start a daemon in the background (its own session, output to the runtime dir's log)."""
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    with open(runtime_dir / LOG_NAME, "ab") as log_file:
+        subprocess.Popen(
+            [sys.executable, "-m", "devmapper.cli.main", "daemon", "--runtime-dir", str(runtime_dir),
+             "--state-dir", str(state_dir)],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True, close_fds=True,
+        )
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "daemon", help="run the userspace device-mapper daemon (udmsetup starts it on demand)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--runtime-dir", type=Path, help="socket and pid file (default: see above)")
+    p.add_argument("--state-dir", type=Path, help="saved devices (default: see above)")
+    p.add_argument("--log-file", type=Path, help="log here instead of standard error")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--monitor-interval", type=float, default=1.0, metavar="SECONDS",
+                   help="how often pools with an autoextend policy are checked besides their events (1)")
+    p.add_argument("--no-space-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long writes queue on a full pool before failing, 0 = forever (60)")
+    p.set_defaults(handler=run)
+
+
+def _setup_logging(args: argparse.Namespace, err: TextIO) -> None:
+    handler: logging.Handler = logging.StreamHandler(err)
+    if args.log_file is not None:
+        handler = logging.FileHandler(args.log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(args.log_level)
+
+
+def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    runtime_dir = args.runtime_dir or runtime_dir_from_env()
+    state_dir = args.state_dir or state_dir_from_env()
+    _setup_logging(args, err)
+    daemon = Daemon(runtime_dir.absolute(), state_dir.absolute(), monitor_interval=args.monitor_interval,
+                    no_space_timeout=args.no_space_timeout)
+    try:
+        daemon.start()
+    except DaemonRunningError as e:
+        err.write(f"devmapper daemon: {e}\n")
+        return 1
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        daemon.request_shutdown()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+    os.chdir("/")
+    try:
+        daemon.serve_forever()
+    finally:
+        daemon.close()
+    return 0

@@ -1,0 +1,616 @@
+"""NBD server: sockets and threads that drive ``nbd.protocol`` against ``Export`` objects.
+
+Theory of operation
+-------------------
+``NbdServer`` serves the exports of a registry (anything with ``lookup(name) -> Export | None`` and
+``list() -> names``, or a mapping, or a function returning one) on unix sockets and loopback TCP.
+One export per mapped device, named after it; the empty name means ``default_export`` (or the only
+export, when there is exactly one).  The server never opens or closes exports: their owner does.
+
+Threading model:
+
+* one **acceptor** thread per listening socket;
+* one **reader** thread per connection: it runs the handshake, then loops ``recv_into`` ->
+  ``ServerConnection`` -> requests.  A request is executed *inline* on the reader thread unless it
+  may block for long (FLUSH, FUA) or other requests are already queued behind it or in flight;
+  those go to the connection's **workers** (``workers`` threads, started on first use).  With
+  ``workers=0`` everything runs inline.  Inline replies are gathered and sent with one
+  ``sendmsg`` when the reader runs out of buffered requests, so a pipelined batch costs one
+  ``recv`` and one ``send``; workers send their own replies.  Replies may therefore leave out of
+  order, which NBD allows (cookies match them up); all sends hold one lock per connection.
+* Exports are called from several threads at once, as ``devmapper.export`` allows.
+
+Why inline first: on two cores under the GIL, handing a 4 KiB read to another thread costs more
+than doing it (a thread switch, ~10-30 us); workers pay off only when a request waits on the disk
+(flush, FUA, a cold read) while others could proceed.
+
+Semantics that are ours, not the core's: TRIM is advisory, so an export that cannot discard
+(``ENOTSUP``) still gets success; WRITE_ZEROES with FAST_ZERO is refused with ENOTSUP only when
+NO_HOLE is also set (unmapping is fast, writing zeroes is not); CACHE is accepted and does nothing;
+FLUSH on a read-only export does nothing.  ``CAN_MULTI_CONN`` is advertised (unless disabled):
+every connection calls the same export object, whose ``flush`` covers all completed writes, so a
+flush on one connection makes writes acknowledged on any connection durable.
+
+``shutdown`` stops the acceptors, shuts the read side of every connection (in-flight requests
+finish and are answered), and waits for the threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import threading
+from collections.abc import Callable, Mapping
+from queue import SimpleQueue
+from typing import Protocol
+
+from devmapper.errors import DevmapperError
+from devmapper.export import Export, errno_of
+from devmapper.nbd import protocol as p
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExportRegistry", "NbdServer"]
+
+IOV_MAX = 1024
+_READ, _WRITE, _FLUSH, _TRIM, _CACHE, _ZEROES, _BLOCK_STATUS = 0, 1, 3, 4, 5, 6, 7
+_FUA, _NO_HOLE, _REQ_ONE, _FAST_ZERO = 1, 2, 8, 16
+_ENOTSUP, _EIO, _EINVAL = int(p.Errno.ENOTSUP), int(p.Errno.EIO), int(p.Errno.EINVAL)
+_HOLE, _ZERO = p.STATE_HOLE, p.STATE_ZERO
+Buffers = list[bytes | bytearray | memoryview]
+
+
+class ExportRegistry(Protocol):
+    """Where the server finds exports by name (the daemon's device table implements this)."""
+
+    def lookup(self, name: str) -> Export | None: ...
+
+    def list(self) -> list[str]: ...
+
+
+class _MappingRegistry:
+    def __init__(self, source: Mapping[str, Export] | Callable[[], Mapping[str, Export]]) -> None:
+        self._source = source
+
+    def _map(self) -> Mapping[str, Export]:
+        return self._source() if callable(self._source) else self._source
+
+    def lookup(self, name: str) -> Export | None:
+        return self._map().get(name)
+
+    def list(self) -> list[str]:
+        return sorted(self._map())
+
+
+ExportsArg = ExportRegistry | Mapping[str, Export] | Callable[[], Mapping[str, Export]]
+
+
+def _as_registry(exports: ExportsArg) -> ExportRegistry:
+    if isinstance(exports, Mapping) or callable(exports):
+        return _MappingRegistry(exports)
+    return exports
+
+
+def _error_of(e: BaseException) -> tuple[int, str]:
+    """(NBD error, message) for an exception raised by an export."""
+    if isinstance(e, DevmapperError):
+        return p.nbd_errno(errno_of(e)), str(e)
+    if isinstance(e, OSError) and e.errno is not None:
+        return p.nbd_errno(errno.errorcode.get(e.errno, "EIO")), str(e)
+    log.exception("export raised an unexpected error")
+    return _EIO, f"internal error: {type(e).__name__}"
+
+
+def _sendv(sock: socket.socket, bufs: Buffers) -> None:
+    """Send every buffer in order (sendmsg may stop short; IOV_MAX caps one call)."""
+    while bufs:
+        batch = bufs[:IOV_MAX]
+        sent = sock.sendmsg(batch)
+        total = sum(len(b) for b in batch)
+        if sent == total:
+            bufs = bufs[IOV_MAX:]
+            continue
+        rest: Buffers = []
+        for i, b in enumerate(batch):
+            if sent >= len(b):
+                sent -= len(b)
+                continue
+            rest.append(memoryview(b)[sent:])
+            rest.extend(batch[i + 1 :])
+            break
+        bufs = rest + bufs[IOV_MAX:]
+
+
+class NbdServer:
+    """Serve exports over NBD; see the module docstring.  Use as a context manager or call ``shutdown``.
+
+    ``min_block``/``preferred_block``/``max_payload`` are advertised with NBD_INFO_BLOCK_SIZE and
+    enforced (misaligned requests get EINVAL).  ``read_only`` makes every export read-only.
+    """
+
+    def __init__(
+        self,
+        exports: ExportsArg,
+        *,
+        default_export: str | None = None,
+        workers: int = 4,
+        min_block: int = 1,
+        preferred_block: int = 4096,
+        max_payload: int = p.DEFAULT_MAX_PAYLOAD,
+        read_only: bool = False,
+        multi_conn: bool = True,
+    ) -> None:
+        self.registry = _as_registry(exports)
+        self.default_export = default_export
+        self.workers = workers
+        self.read_only = read_only
+        self.multi_conn = multi_conn
+        self._sizes = (min_block, preferred_block, max_payload)
+        p.ExportInfo("", 0, min_block=min_block, preferred_block=preferred_block, max_payload=max_payload)
+        self._lock = threading.Lock()
+        self._closing = False
+        self._listeners: list[tuple[socket.socket, threading.Thread, str | None]] = []
+        self._connections: set[_Connection] = set()
+        self._stopped = threading.Event()
+
+    def __enter__(self) -> NbdServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # -- listening ----------------------------------------------------------------------------
+
+    def serve_unix(self, path: str | os.PathLike[str]) -> str:
+        """Listen on a unix socket at path (a stale socket there is replaced); returns the path."""
+        path = os.fspath(path)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(64)
+        except BaseException:
+            sock.close()
+            raise
+        self._listen(sock, path, f"nbd-accept {path}")
+        return path
+
+    def serve_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Listen on TCP (loopback by default; port 0 picks one); returns the bound (host, port)."""
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(64)
+        except BaseException:
+            sock.close()
+            raise
+        addr = sock.getsockname()
+        self._listen(sock, None, f"nbd-accept {addr[0]}:{addr[1]}")
+        return addr[0], addr[1]
+
+    def _listen(self, sock: socket.socket, path: str | None, name: str) -> None:
+        with self._lock:
+            if self._closing:
+                sock.close()
+                raise DevmapperError("the NBD server is shut down")
+            t = threading.Thread(target=self._accept_loop, args=(sock,), name=name, daemon=True)
+            self._listeners.append((sock, t, path))
+        t.start()
+
+    def _accept_loop(self, lsock: socket.socket) -> None:
+        while True:
+            try:
+                sock, _addr = lsock.accept()
+            except OSError:
+                return  # listener shut down
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Connection(self, sock)
+            with self._lock:
+                if self._closing:
+                    sock.close()
+                    return
+                self._connections.add(conn)
+            threading.Thread(target=conn.run, name="nbd-conn", daemon=True).start()
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+
+    @property
+    def nr_connections(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    # -- exports ------------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> tuple[str, Export] | None:
+        """The canonical name and export a client's name refers to ("" is the default export)."""
+        if name == "":
+            if self.default_export is not None:
+                name = self.default_export
+            else:
+                names = self.registry.list()
+                if len(names) != 1:
+                    return None
+                name = names[0]
+        export = self.registry.lookup(name)
+        return None if export is None else (name, export)
+
+    def info(self, name: str, export: Export) -> p.ExportInfo:
+        min_block, preferred, max_payload = self._sizes
+        description = getattr(export, "description", "")
+        return p.ExportInfo(
+            name=name,
+            size=export.size(),
+            read_only=self.read_only or export.read_only,
+            description=description if isinstance(description, str) else "",
+            can_multi_conn=self.multi_conn,
+            min_block=min_block,
+            preferred_block=preferred,
+            max_payload=max_payload,
+        )
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish, close every connection and wait."""
+        with self._lock:
+            self._closing = True
+            listeners, self._listeners = self._listeners, []
+            conns = list(self._connections)
+        for sock, _t, _path in listeners:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        for conn in conns:
+            conn.stop_reading()
+        for _sock, t, path in listeners:
+            t.join(timeout)
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        for conn in conns:
+            conn.join(timeout)
+        self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until ``shutdown`` has finished; False on timeout."""
+        return self._stopped.wait(timeout)
+
+
+class _BufferPool:
+    """Reusable bytearrays for large payloads and reads (allocating and faulting in 1 MiB costs as
+    much as copying it).  Buffers under ``MIN`` bytes are cheap and are not kept."""
+
+    MIN = 64 << 10
+    MAX_BYTES = 64 << 20
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, n: int) -> bytearray:
+        if n >= self.MIN:
+            with self._lock:
+                free = self._free.get(n)
+                if free:
+                    self._bytes -= n
+                    return free.pop()
+        return bytearray(n)
+
+    def put(self, buf: bytearray) -> None:
+        n = len(buf)
+        if n < self.MIN:
+            return
+        with self._lock:
+            if self._bytes + n <= self.MAX_BYTES:
+                self._free.setdefault(n, []).append(buf)
+                self._bytes += n
+
+
+Handler = Callable[[p.Request, Buffers, list[bytearray]], None]
+
+
+class _Connection:
+    """One client: a reader thread (handshake, then requests) and lazily started workers.
+
+    Handlers append reply buffers to ``out`` and pool buffers to give back once ``out`` is sent to
+    ``recycle``; the reader batches inline replies, a worker sends each request's own."""
+
+    BATCH = 16  # inline replies sent together at most (bounds the client's wait for the first one)
+
+    def __init__(self, server: NbdServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.pool = _BufferPool()
+        self.proto = p.ServerConnection(allocator=self.pool.get)
+        self.export: Export | None = None
+        self._readinto: Callable[[int, bytearray], None] | None = None
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._inflight = 0
+        self._queue: SimpleQueue[p.Request | None] = SimpleQueue()
+        self._workers: list[threading.Thread] = []
+        self._done = threading.Event()
+        self._dead = False
+        self._handlers: dict[int, Handler] = {}
+
+    def stop_reading(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def join(self, timeout: float) -> None:
+        self._done.wait(timeout)
+
+    def run(self) -> None:
+        try:
+            if self._handshake():
+                self._transmission()
+        except p.RemoteProtocolError as e:
+            log.info("NBD client broke the protocol: %s", e)
+        except OSError as e:
+            log.debug("NBD connection error: %s", e)
+        except Exception:
+            log.exception("NBD connection failed")
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        for _ in self._workers:
+            self._queue.put(None)
+        for t in self._workers:
+            t.join()
+        try:
+            self.sock.close()
+        finally:
+            self.server._forget(self)
+            self._done.set()
+
+    def _recv(self) -> None:
+        proto = self.proto
+        proto.buffer_updated(self.sock.recv_into(proto.get_buffer()))
+
+    # -- handshake ----------------------------------------------------------------------------
+
+    def _handshake(self) -> bool:
+        """Run option haggling; True when transmission starts."""
+        proto, sock = self.proto, self.sock
+        while True:
+            out = proto.data_to_send()
+            if out:
+                sock.sendall(out)
+            if proto.state is p.State.TRANSMISSION:
+                return True
+            if proto.finished:
+                return False
+            event = proto.next_event()
+            if event is p.NEED_DATA:
+                out = proto.data_to_send()
+                if out:
+                    sock.sendall(out)
+                self._recv()
+            elif isinstance(event, p.ExportQuery):
+                self._answer_export(event)
+            elif isinstance(event, p.ListQuery):
+                self._answer_list()
+
+    def _answer_export(self, query: p.ExportQuery) -> None:
+        server, proto = self.server, self.proto
+        if server.closing:
+            proto.answer_error(p.Rep.ERR_SHUTDOWN, "the server is shutting down")
+            return
+        found = server.resolve(query.name)
+        if found is None:
+            proto.answer_export(None)
+            return
+        name, export = found
+        try:
+            info = server.info(name, export)
+        except DevmapperError as e:
+            proto.answer_error(p.Rep.ERR_UNKNOWN, f"export {name!r} is not available: {e}")
+            return
+        proto.answer_export(info)
+        if proto.state is p.State.TRANSMISSION:
+            self.export = export
+
+    def _answer_list(self) -> None:
+        server, proto = self.server, self.proto
+        if server.closing:
+            proto.answer_error(p.Rep.ERR_SHUTDOWN, "the server is shutting down")
+            return
+        out = []
+        for name in server.registry.list():
+            export = server.registry.lookup(name)
+            description = getattr(export, "description", "") if export is not None else ""
+            out.append((name, description if isinstance(description, str) else ""))
+        proto.answer_list(out)
+
+    # -- transmission -------------------------------------------------------------------------
+
+    def _transmission(self) -> None:
+        assert self.export is not None
+        readinto = getattr(self.export, "readinto", None)
+        self._readinto = readinto if callable(readinto) else None
+        self._handlers = {
+            _READ: self._do_read,
+            _WRITE: self._do_write,
+            _FLUSH: self._do_flush,
+            _TRIM: self._do_trim,
+            _CACHE: self._do_cache,
+            _ZEROES: self._do_zeroes,
+            _BLOCK_STATUS: self._do_block_status,
+        }
+        proto, batch = self.proto, self.BATCH
+        out: Buffers = []
+        recycle: list[bytearray] = []
+        use_workers = self.server.workers > 0
+        request_type = p.Request
+        pending = 0
+        try:
+            while True:
+                event = proto.next_event()
+                if event.__class__ is request_type:
+                    assert isinstance(event, p.Request)
+                    if use_workers and (event.command == _FLUSH or event.flags & _FUA) and not event.error:
+                        self._submit(event)  # may wait for the disk: keep reading meanwhile
+                        continue
+                    self._execute(event, out, recycle)
+                    pending += 1
+                    if pending < batch:
+                        continue
+                elif event is not p.NEED_DATA:
+                    break  # Disconnect, ConnectionClosed
+                if out:
+                    self._send(out, recycle)
+                    out, recycle, pending = [], [], 0
+                if event is p.NEED_DATA:
+                    self._recv()
+        finally:
+            if out:
+                self._send(out, recycle)
+
+    def _send(self, bufs: Buffers, recycle: list[bytearray]) -> None:
+        with self._send_lock:
+            if not self._dead:
+                try:
+                    _sendv(self.sock, bufs)
+                except OSError as e:
+                    self._dead = True
+                    log.debug("NBD reply not sent: %s", e)
+        for buf in recycle:
+            self.pool.put(buf)
+
+    def _submit(self, req: p.Request) -> None:
+        with self._state_lock:
+            self._inflight += 1
+        if len(self._workers) < self.server.workers and self._inflight > len(self._workers):
+            t = threading.Thread(target=self._worker, name="nbd-worker", daemon=True)
+            self._workers.append(t)
+            t.start()
+        self._queue.put(req)
+
+    def _worker(self) -> None:
+        queue = self._queue
+        while True:
+            req = queue.get()
+            if req is None:
+                return
+            try:
+                out: Buffers = []
+                recycle: list[bytearray] = []
+                self._execute(req, out, recycle)
+                self._send(out, recycle)
+            finally:
+                with self._state_lock:
+                    self._inflight -= 1
+
+    def _execute(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
+        """Run one request, appending its reply to ``out``."""
+        if req.error:
+            out.append(self.proto.reply_error(req.cookie, req.error, req.message))
+            return
+        try:
+            self._handlers[req.command](req, out, recycle)
+        except Exception as e:
+            code, message = _error_of(e)
+            out.append(self.proto.reply_error(req.cookie, code, message))
+        finally:
+            if req.payload is not None:
+                self.pool.put(req.payload)  # the export has copied what it needed
+
+    def _do_read(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
+        assert self.export is not None
+        n = req.length
+        if self._readinto is not None and n >= _BufferPool.MIN:
+            buf = self.pool.get(n)
+            try:
+                self._readinto(req.offset, buf)
+            except BaseException:
+                self.pool.put(buf)
+                raise
+            out += (self.proto.reply_read(req.cookie, req.offset, n), buf)
+            recycle.append(buf)
+            return
+        data = self.export.read(req.offset, n)
+        if len(data) != n:
+            out.append(self.proto.reply_error(req.cookie, _EIO, f"short read: {len(data)} of {n} bytes"))
+            return
+        out += (self.proto.reply_read(req.cookie, req.offset, n), data)
+
+    def _do_write(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
+        assert self.export is not None and req.payload is not None
+        self.export.write(req.offset, req.payload, bool(req.flags & _FUA))
+        out.append(self.proto.reply_ok(req.cookie))
+
+    def _do_flush(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
+        assert self.export is not None
+        if not self.export.read_only and not self.server.read_only:
+            self.export.flush()
+        out.append(self.proto.reply_ok(req.cookie))
+
+    def _do_trim(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
+        assert self.export is not None
+        try:
+            self.export.discard(req.offset, req.length)
+        except DevmapperError as e:
+            if p.nbd_errno(errno_of(e)) != _ENOTSUP:
+                raise
+        else:
+            if req.flags & _FUA:
+                self.export.flush()
+        out.append(self.proto.reply_ok(req.cookie))  # a hint the export cannot take is still success
+
+    def _do_cache(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
+        out.append(self.proto.reply_ok(req.cookie))
+
+    def _do_zeroes(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
+        assert self.export is not None
+        no_hole = bool(req.flags & _NO_HOLE)
+        if req.flags & _FAST_ZERO and no_hole:
+            out.append(self.proto.reply_error(req.cookie, _ENOTSUP, "zeroing without holes is not faster than writing"))
+            return
+        self.export.write_zeroes(req.offset, req.length, bool(req.flags & _FUA), not no_hole)
+        out.append(self.proto.reply_ok(req.cookie))
+
+    def _do_block_status(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
+        assert self.export is not None
+        if req.length == 0:
+            out.append(self.proto.reply_error(req.cookie, _EINVAL, "block status of an empty range"))
+            return
+        extents: list[tuple[int, int]] = []
+        for e in self.export.block_status(req.offset, req.length):
+            if e.length <= 0:
+                continue
+            flags = (_HOLE if e.hole else 0) | (_ZERO if e.zero else 0)
+            if extents and extents[-1][1] == flags:
+                extents[-1] = (extents[-1][0] + e.length, flags)
+            else:
+                extents.append((e.length, flags))
+            if len(extents) > p.MAX_EXTENTS:
+                break
+        if not extents:
+            out.append(self.proto.reply_error(req.cookie, _EIO, "the export reported no extents"))
+            return
+        if req.flags & _REQ_ONE:
+            extents = [(min(extents[0][0], req.length), extents[0][1])]
+        out.append(self.proto.reply_block_status(req.cookie, extents))
