@@ -40,9 +40,9 @@ class PowerCutDevice:
 
     Writes wait in a cache until ``flush``.  ``fail_after_writes=N``: write N+1 raises (the power goes
     out while the engine writes); ``fail_after_flushes=N``: flush N+1 raises before pushing anything
-    (the power goes out while the cache drains); ``power_cut(keep)`` then persists the cached writes for which
-    ``keep(index, count)`` is true -- any subset may reach the platter -- and drops the rest.  Reads see
-    the newest data.  With ``reads_survive`` reads keep working after a write fault (a transient
+    (the power goes out while the cache drains).  ``power_cut(keep)`` then persists the cached writes
+    for which ``keep(index, count)`` is true -- any subset may reach the platter -- and drops the rest.
+    Reads see the newest data.  With ``reads_survive`` reads keep working after a write fault (a transient
     error rather than a power cut), so the engine can re-read its last commit.
     """
 
@@ -225,11 +225,14 @@ def assert_failed_cleanly(pmd: PoolMetadata, s1_devices: list[int]) -> None:
 # -- tests --------------------------------------------------------------------------------------------
 
 
+States = dict[bool, tuple[bytes, str, str | None, str, int]]
+
+
 @pytest.fixture(scope="module")
-def judged_states(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, tuple[bytes, str, str | None, str, int]]:
+def judged_states(tmp_path_factory: pytest.TempPathFactory) -> States:
     """For held_snapshot in (False, True): S1 image, S1 dump, S1 -m dump, S2 dump, writes of the commit."""
     judge = Judge(tmp_path_factory.mktemp("states"))
-    out = {}
+    out: States = {}
     for held in (False, True):
         s1 = build_s1(held)
         s1_dump, s1_snap = judge(s1)
@@ -247,7 +250,7 @@ def judged_states(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, tuple[
 
 
 @pytest.mark.parametrize("held_snapshot", [False, True], ids=["plain", "held-metadata-snap"])
-def test_commit_fails_at_every_write(judged_states, held_snapshot: bool, tmp_path: Path) -> None:
+def test_commit_fails_at_every_write(judged_states: States, held_snapshot: bool, tmp_path: Path) -> None:
     s1, s1_dump, s1_snap, s2_dump, writes = judged_states[held_snapshot]
     judge = Judge(tmp_path)
     s1_devices = PoolMetadata.open(copy_device(s1)).devices()
@@ -268,7 +271,9 @@ def test_commit_fails_at_every_write(judged_states, held_snapshot: bool, tmp_pat
 
 
 @pytest.mark.parametrize("held_snapshot", [False, True], ids=["plain", "held-metadata-snap"])
-def test_commit_with_volatile_cache_crash_at_every_write(judged_states, held_snapshot: bool, tmp_path: Path) -> None:
+def test_commit_with_volatile_cache_crash_at_every_write(
+    judged_states: States, held_snapshot: bool, tmp_path: Path
+) -> None:
     """Writes fail after k; the unflushed ones vanish (FaultyBlockDevice(volatile=True).crash())."""
     s1, s1_dump, s1_snap, s2_dump, writes = judged_states[held_snapshot]
     judge = Judge(tmp_path)
@@ -290,7 +295,7 @@ def test_commit_with_volatile_cache_crash_at_every_write(judged_states, held_sna
 
 
 @pytest.mark.parametrize("policy", ["none", "all", "even", "last"])
-def test_reordering_cache_keeps_s1_or_s2(judged_states, policy: str, tmp_path: Path) -> None:
+def test_reordering_cache_keeps_s1_or_s2(judged_states: States, policy: str, tmp_path: Path) -> None:
     """Power cut at every write and at every flush of the commit, and any subset of the unflushed
     writes survives: the result is S1 or S2, never a mix, and never S1 again once S2 was seen."""
     s1, s1_dump, _s1_snap, s2_dump, writes = judged_states[False]
@@ -332,7 +337,7 @@ def test_reordering_cache_keeps_s1_or_s2(judged_states, policy: str, tmp_path: P
     assert seen_s2
 
 
-def test_superblock_is_the_last_write_and_follows_a_flush(judged_states) -> None:
+def test_superblock_is_the_last_write_and_follows_a_flush(judged_states: States) -> None:
     """The commit's last write is block 0, written only after a flush of everything else."""
     s1 = judged_states[False][0]
     _base, dev, pmd = apply_and_commit(s1, PowerCutDevice)
@@ -355,7 +360,7 @@ def test_superblock_is_the_last_write_and_follows_a_flush(judged_states) -> None
     assert ("write", 0) not in log[:-2]
 
 
-def test_uncommitted_changes_are_gone_after_reopen(judged_states, tmp_path: Path) -> None:
+def test_uncommitted_changes_are_gone_after_reopen(judged_states: States, tmp_path: Path) -> None:
     """Changes never committed vanish -- even when dirty blocks were written back early."""
     s1, s1_dump, s1_snap, _s2, _w = judged_states[True]
     judge = Judge(tmp_path)
@@ -377,7 +382,7 @@ def test_uncommitted_changes_are_gone_after_reopen(judged_states, tmp_path: Path
         assert again.trans_id == 1
 
 
-def test_transient_write_error_aborts_cleanly_and_a_retry_commits_s2(judged_states, tmp_path: Path) -> None:
+def test_transient_write_error_aborts_cleanly_and_a_retry_commits_s2(judged_states: States, tmp_path: Path) -> None:
     """Reads survive the fault: commit aborts to S1 (not latched); redoing the batch commits exactly S2."""
     s1, s1_dump, _snap, s2_dump, writes = judged_states[False]
     judge = Judge(tmp_path)
@@ -462,15 +467,6 @@ def build_small_s1(held_snapshot: bool) -> bytes:
     return image_of(dev)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,  # thin_check fails / the dump differs from S1
-    reason="engine bug: PoolMetadata.commit() aborts only on DevmapperError (an OSError from "
-    "FileBlockDevice.flush's fdatasync escapes unconverted), and reserve/release_metadata_snap and "
-    "set_needs_check call _commit_locked with no abort at all; the space maps have already dropped "
-    "their committed baseline, so later allocations reuse blocks the on-disk superblock still "
-    "references and a crash before the next commit corrupts the last committed state",
-)
 @pytest.mark.parametrize(
     "how", ["commit-eio-on-fsync", "reserve_metadata_snap", "release_metadata_snap", "set_needs_check"]
 )

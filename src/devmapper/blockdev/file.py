@@ -65,7 +65,10 @@ class FileBlockDevice:
 
     def flush(self) -> None:
         if not self.read_only:
-            os.fdatasync(self._fd)
+            try:
+                os.fdatasync(self._fd)
+            except OSError as e:
+                raise BlockDeviceError(f"{self.path}: flush: {e.strerror}") from e
 
     def resize(self, new_size: int) -> None:
         if self.is_block_device:

@@ -10,19 +10,27 @@ export, when there is exactly one).  The server never opens or closes exports: t
 Threading model:
 
 * one **acceptor** thread per listening socket;
-* one **reader** thread per connection: it runs the handshake, then loops ``recv_into`` ->
-  ``ServerConnection`` -> requests.  A request is executed *inline* on the reader thread unless it
-  may block for long (FLUSH, FUA) or other requests are already queued behind it or in flight;
-  those go to the connection's **workers** (``workers`` threads, started on first use).  With
-  ``workers=0`` everything runs inline.  Inline replies are gathered and sent with one
-  ``sendmsg`` when the reader runs out of buffered requests, so a pipelined batch costs one
-  ``recv`` and one ``send``; workers send their own replies.  Replies may therefore leave out of
-  order, which NBD allows (cookies match them up); all sends hold one lock per connection.
-* Exports are called from several threads at once, as ``devmapper.export`` allows.
+* one **reader** thread per connection: it runs the handshake, then loops ``recv_into`` (straight
+  into the protocol's buffers) -> ``ServerConnection`` -> requests.  Requests run *inline* on the
+  reader thread, in the order they arrive, and their replies are gathered and sent with one
+  ``sendmsg`` per batch (when the reader runs out of buffered requests, or after ``BATCH``
+  replies), so a pipelined burst costs one ``recv`` and a few ``send`` calls;
+* FLUSH and FUA requests, which wait for the disk, go to the connection's **workers**
+  (``workers`` threads, started on demand) so that reads and writes behind them keep flowing; a
+  worker sends its own reply.  Replies may therefore leave out of order, which NBD allows
+  (cookies match them up); all sends hold one lock per connection.  ``workers=0`` runs
+  everything inline.
+* Exports are called from several threads at once (connections, workers), as
+  ``devmapper.export`` allows.
 
-Why inline first: on two cores under the GIL, handing a 4 KiB read to another thread costs more
-than doing it (a thread switch, ~10-30 us); workers pay off only when a request waits on the disk
-(flush, FUA, a cold read) while others could proceed.
+Why inline: under the GIL, on two cores, handing a 4 KiB read to another thread costs more than
+doing it (a thread switch is ~10-30 us, a page-cache read through the thin engine ~10 us), and a
+second Python thread cannot run the engine in parallel anyway.  Workers pay off only when a
+request waits outside Python (fsync) while others could proceed.
+
+Buffers: WRITE payloads and large READ replies (>= 64 KiB) use a per-connection pool of
+bytearrays (allocating and faulting in 1 MiB costs about as much as copying it); reads use the
+export's optional ``readinto(offset, buf)`` when it has one, else ``read``.
 
 Semantics that are ours, not the core's: TRIM is advisory, so an export that cannot discard
 (``ENOTSUP``) still gets success; WRITE_ZEROES with FAST_ZERO is refused with ENOTSUP only when

@@ -42,7 +42,7 @@ class MetadataReader:
             self.nr_data_blocks = 0
 
     def superblock_info(self) -> SuperblockInfo:
-        sb = self.sb
+        sb = self.roots_sb  # with -m, thin_dump reports the snapshot copy's time and transaction
         return SuperblockInfo(
             uuid="", time=sb.time, transaction=sb.trans_id, flags=sb.flags, version=sb.version,
             data_block_size=sb.data_block_size, nr_data_blocks=self.nr_data_blocks,

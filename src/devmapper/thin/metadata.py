@@ -41,7 +41,6 @@ from typing import Concatenate, ParamSpec, TypeVar
 from devmapper.blockdev.base import BlockDevice
 from devmapper.errors import (
     DeviceError,
-    DevmapperError,
     MetadataError,
     PoolFailedError,
     ReadOnlyError,
@@ -220,13 +219,21 @@ class PoolMetadata:
         """Make every change durable.  A commit with nothing changed writes nothing."""
         if self.read_only or not self._in_service:
             return
+        self._commit_locked()
+
+    def _commit_locked(self) -> None:
+        """Commit; on any failure abort to the last committed state (or latch failed) and re-raise.
+
+        A half-done commit must never be built upon: the space maps would have forgotten which blocks
+        the on-disk superblock still references.
+        """
         try:
-            self._commit_locked()
-        except DevmapperError:
+            self._commit_steps_locked()
+        except BaseException:
             self._abort_locked()
             raise
 
-    def _commit_locked(self) -> None:
+    def _commit_steps_locked(self) -> None:
         for dev in sorted(self._changed):
             self.details_root, _ = btree.insert(self.tm, self.details_root, dev, self._details[dev].pack(), DETAILS_VT)
         self._changed.clear()
@@ -250,7 +257,7 @@ class PoolMetadata:
     def _abort_locked(self) -> None:
         try:
             self._load()
-        except DevmapperError:
+        except BaseException:
             self._failed = True
             log.exception("abort failed; pool metadata latched failed")
             raise
@@ -354,6 +361,8 @@ class PoolMetadata:
     @_writes
     def set_transaction_id(self, current: int, new: int) -> None:
         """Compare-and-swap of the userspace transaction id."""
+        if not (0 <= current < 1 << 64 and 0 <= new < 1 << 64):
+            raise DeviceError("transaction ids are unsigned 64-bit numbers", "EINVAL")
         if current != self.trans_id:
             raise DeviceError(f"mismatched transaction id: current is {self.trans_id}, not {current}", "EINVAL")
         self.trans_id = new
@@ -398,6 +407,8 @@ class PoolMetadata:
     def insert(self, dev: int, vblock: int, data_block: int) -> None:
         """Map vblock to data_block at the current time; the caller's reference to data_block passes to
         the mapping, and a replaced mapping's block is released (``dm_thin_insert_block``)."""
+        if not 0 <= vblock < 1 << 64:
+            raise DeviceError(f"virtual block {vblock} is not an unsigned 64-bit number")
         self._insert_many_locked(dev, [(vblock, data_block, self.time)])
 
     @_writes
@@ -415,6 +426,8 @@ class PoolMetadata:
 
         def change(sub: int) -> int:
             for vblock, data_block, t in mappings:
+                if not 0 <= vblock < 1 << 64:
+                    raise DeviceError(f"virtual block {vblock} is not an unsigned 64-bit number")
                 if not 0 <= data_block < nr_data:
                     raise DeviceError(f"data block {data_block} beyond the data device ({nr_data} blocks)")
                 if not 0 <= t < (1 << 24):
