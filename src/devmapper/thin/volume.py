@@ -150,15 +150,18 @@ class ThinVolume:
     # -- read ------------------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
-        vblock, within = divmod(offset, self._bs)
-        if 0 < length <= self._bs - within:  # one block: read straight into the result
-            self._check(offset, length)
-            data = self._read_mapped(vblock, within, length)
-            if data is not None:
-                return data
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
+        """The volume's bytes at offset.  Pieces are read as bytes and joined once (one copy);
+        an external origin showing through falls back to ``readinto``."""
+        self._check(offset, length)
+        parts = []
+        for vblock, within, _pos, n in self._pieces(offset, length):
+            data = self._read_mapped(vblock, within, n)
+            if data is None:
+                buf = bytearray(length)
+                self.readinto(offset, buf)
+                return bytes(buf)
+            parts.append(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_mapped(self, vblock: int, within: int, length: int) -> bytes | None:
         """Bytes within one block, or None when they come from the external origin."""
