@@ -150,18 +150,58 @@ class ThinVolume:
     # -- read ------------------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
-        """The volume's bytes at offset.  Pieces are read as bytes and joined once (one copy);
-        an external origin showing through falls back to ``readinto``."""
+        """The volume's bytes at offset.
+
+        The blocks' locks are taken in ascending order (every other path holds one block lock at a
+        time, so this cannot deadlock), then runs of consecutive data blocks are read with one
+        ``pread`` each and joined; unprovisioned blocks read as zeroes.  When an external origin
+        shows through, the per-block ``readinto`` path serves the request instead.
+        """
         self._check(offset, length)
-        parts = []
-        for vblock, within, _pos, n in self._pieces(offset, length):
+        pieces = list(self._pieces(offset, length))
+        if len(pieces) == 1:
+            vblock, within, _pos, n = pieces[0]
             data = self._read_mapped(vblock, within, n)
-            if data is None:
-                buf = bytearray(length)
-                self.readinto(offset, buf)
-                return bytes(buf)
-            parts.append(data)
+            if data is not None:
+                return data
+        pool = self.pool
+        keys = [(self.dev_id, p[0]) for p in pieces]
+        entries = [pool.locks.acquire(k) for k in keys]
+        try:
+            parts = self._read_runs(pieces)
+        finally:
+            for k, e in zip(reversed(keys), reversed(entries), strict=True):
+                pool.locks.release(k, e)
+        if parts is None:
+            buf = bytearray(length)
+            self.readinto(offset, buf)
+            return bytes(buf)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_runs(self, pieces: list[tuple[int, int, int, int]]) -> list[bytes] | None:
+        """Bytes of locked pieces, one pread per run of consecutive data; None if the origin shows."""
+        pool, parts = self.pool, []
+        start = size = 0
+        for vblock, within, _pos, n in pieces:
+            r = pool.md.lookup(self.dev_id, vblock)
+            if r is None:
+                if self.origin is not None:
+                    return None
+                if size:
+                    parts.append(pool.data.pread(start, size))
+                    size = 0
+                parts.append(bytes(n))
+                continue
+            where = r.data_block * self._bs + within
+            if size and start + size == where:
+                size += n
+            else:
+                if size:
+                    parts.append(pool.data.pread(start, size))
+                start, size = where, n
+        if size:
+            parts.append(pool.data.pread(start, size))
+        return parts
 
     def _read_mapped(self, vblock: int, within: int, length: int) -> bytes | None:
         """Bytes within one block, or None when they come from the external origin."""
