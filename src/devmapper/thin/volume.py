@@ -179,12 +179,14 @@ class ThinVolume:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_runs(self, pieces: list[tuple[int, int, int, int]]) -> list[bytes] | None:
-        """Bytes of locked pieces, one pread per run of consecutive data; None if the origin shows."""
+        """Bytes of locked pieces (one range lookup, one pread per run of consecutive data blocks);
+        None if the external origin shows through."""
         pool, parts = self.pool, []
+        mapped = {vb: b for vb, b, _t in pool.md.mappings(self.dev_id, pieces[0][0], pieces[-1][0] + 1)}
         start = size = 0
         for vblock, within, _pos, n in pieces:
-            r = pool.md.lookup(self.dev_id, vblock)
-            if r is None:
+            data_block = mapped.get(vblock)
+            if data_block is None:
                 if self.origin is not None:
                     return None
                 if size:
@@ -192,7 +194,7 @@ class ThinVolume:
                     size = 0
                 parts.append(bytes(n))
                 continue
-            where = r.data_block * self._bs + within
+            where = data_block * self._bs + within
             if size and start + size == where:
                 size += n
             else:
