@@ -53,7 +53,10 @@ class Udm:
 
     # -- the daemon ------------------------------------------------------------------------------
 
-    def start(self, *extra: str) -> subprocess.Popen[bytes]:
+    def start(self, *extra: str, device_files: bool = False) -> subprocess.Popen[bytes]:
+        """Start the daemon; without ``device_files`` it mounts no FUSE files and makes no loop devices."""
+        if not device_files:
+            extra = ("--no-device-files", *extra)
         log = open(self.runtime / "daemon.log", "ab")  # noqa: SIM115 - the daemon writes it
         env = {**os.environ, **self.env}
         proc = subprocess.Popen(
@@ -116,6 +119,10 @@ class Udm:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             _wait_gone(pid)
+        fusermount = shutil.which("fusermount3")
+        if fusermount is not None:  # a killed daemon's device files (stat would fail: not connected)
+            subprocess.run([fusermount, "-u", "-z", "-q", str(self.runtime / "devices")], capture_output=True,
+                           check=False)
         shutil.rmtree(self.runtime, ignore_errors=True)
         assert "Traceback" not in log, f"the daemon logged an unexpected exception:\n{log}"
 

@@ -6,6 +6,13 @@ table comes back.  SIGTERM, SIGINT and SIGHUP shut it down cleanly: devices are 
 committed.  ``udmsetup`` starts it on demand (in the background, logging to ``<runtime
 dir>/daemon.log``) when nothing answers on the socket.
 
+Device files: the daemon mounts ``<runtime dir>/devices`` (FUSE, direct I/O) with one file per
+mapped device, sized as the device.  As root it also attaches a loop device (``--direct-io=on``) to
+each file and links ``/dev/mapper/NAME`` (``--mapper-dir``) to it, so ``mkfs``/``mount`` work on
+``/dev/mapper/NAME``; ``--no-loop`` keeps only the files, ``--no-device-files`` mounts nothing.
+Removing a device whose loop device is mounted fails (busy) unless deferred.  Suspending a device
+holds its I/O but does not freeze a filesystem on it (``sync`` first, as with ``--nolockfs``).
+
 Directories: ``--runtime-dir``/``--state-dir`` win; then ``$DEVMAPPER_RUNTIME_DIR`` and
 ``$DEVMAPPER_STATE_DIR``; then, as root, ``/run/devmapper`` and ``/var/lib/devmapper``; otherwise
 ``$XDG_RUNTIME_DIR/devmapper`` (or ``/tmp/devmapper-<uid>``) and ``$XDG_STATE_HOME/devmapper`` (or
@@ -25,9 +32,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from devmapper.control.exports import ExportHub
 from devmapper.control.server import Daemon, DaemonRunningError
 
 LOG_NAME = "daemon.log"
+DEVICES_DIR = "devices"
 
 
 def runtime_dir_from_env(env: Mapping[str, str] | None = None) -> Path:
@@ -76,6 +85,12 @@ def register(sub: Any) -> None:
                    help="how often pools with an autoextend policy are checked besides their events (1)")
     p.add_argument("--no-space-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long writes queue on a full pool before failing, 0 = forever (60)")
+    p.add_argument("--no-device-files", action="store_true",
+                   help="do not mount <runtime dir>/devices (one FUSE file per device)")
+    p.add_argument("--no-loop", action="store_true",
+                   help="no loop devices and mapper links for the device files (default as root: on)")
+    p.add_argument("--mapper-dir", type=Path, default=Path("/dev/mapper"), metavar="DIR",
+                   help="where NAME links to the device's loop device go (/dev/mapper)")
     p.set_defaults(handler=run)
 
 
@@ -93,19 +108,27 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     runtime_dir = args.runtime_dir or runtime_dir_from_env()
     state_dir = args.state_dir or state_dir_from_env()
     _setup_logging(args, err)
+    exports = None
+    if not args.no_device_files:
+        from devmapper.fuse.adapter import FuseMount  # needs mfusepy and libfuse3
+
+        loops = not args.no_loop and os.geteuid() == 0
+        exports = ExportHub(FuseMount(runtime_dir.absolute() / DEVICES_DIR),
+                            args.mapper_dir.absolute() if loops else None)
     daemon = Daemon(runtime_dir.absolute(), state_dir.absolute(), monitor_interval=args.monitor_interval,
-                    no_space_timeout=args.no_space_timeout)
+                    no_space_timeout=args.no_space_timeout, exports=exports)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        daemon.request_shutdown()
+
+    # Before start: libfuse installs its own handlers where it finds the default ones.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
     try:
         daemon.start()
     except DaemonRunningError as e:
         err.write(f"devmapper daemon: {e}\n")
         return 1
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        daemon.request_shutdown()
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, stop)
     os.chdir("/")
     try:
         daemon.serve_forever()

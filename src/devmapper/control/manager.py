@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 from devmapper.control.autoextend import AutoextendMonitor, AutoextendPolicy, AutoextendStats, extend_if_due
 from devmapper.control.device import DeviceHandle, DeviceInfo, MappedDevice, Table
 from devmapper.control.errors import DmError
+from devmapper.control.exports import ExportHub
 from devmapper.control.lower import DM_MAJOR, Key, Lower, MappedLower, Stackable, devno_label
 from devmapper.control.pools import PoolRegistry
 from devmapper.control.records import device_from_record, device_record, lines_from, restore_order, top_down
@@ -108,6 +109,7 @@ class DeviceManager:
         self.store = store
         self.pools = PoolRegistry(self._pool_event, no_space_timeout=no_space_timeout)
         self.monitor = AutoextendMonitor(self.autoextend_check, monitor_interval)
+        self.exports: ExportHub | None = None  # device files, loop devices, mapper links (the daemon's)
 
     # -- lookups (also the MappedLookup the targets use) -----------------------------------------
 
@@ -184,6 +186,7 @@ class DeviceManager:
         except DmError:
             self._destroy(md)
             raise
+        self._export(md)
         self._save()
         return md.info()
 
@@ -240,6 +243,7 @@ class DeviceManager:
         def op() -> DeviceInfo:
             md = self.find(ref)
             self._resume(md)
+            self._export(md)
             self._save()
             return md.info()
 
@@ -366,6 +370,13 @@ class DeviceManager:
         def op() -> DeviceInfo:
             md = self.find(ref)
             info = md.info()
+            if self.exports is not None and self.exports.busy(md):
+                if not deferred:
+                    raise DmError("EBUSY", f"{md.name}: unable to remove open device", logged=False)
+                md.deferred_remove = True
+                self.exports.defer(md, lambda: self._deferred_export_gone(md))
+                self._save()
+                return md.info()
             if md.open_count:
                 if not deferred:
                     raise DmError("EBUSY", f"{md.name}: unable to remove open device", logged=False)
@@ -378,8 +389,25 @@ class DeviceManager:
 
         return self._locked(op)
 
+    def _export(self, md: MappedDevice) -> None:
+        if self.exports is not None:
+            self.exports.refresh(md)
+
+    def _deferred_export_gone(self, md: MappedDevice) -> None:
+        """The last user of a device's loop device went away: finish its deferred removal."""
+        with self._lock:
+            if self._closing or self._by_minor.get(md.minor) is not md or not md.deferred_remove:
+                return
+            if md.open_count or (self.exports is not None and self.exports.busy(md)):
+                return
+            log.info("%s: deferred removal", md.name)
+            self._destroy(md)
+            self._save()
+
     def _destroy(self, md: MappedDevice) -> None:
         """Flush, unregister and tear a device down (``__dm_destroy``)."""
+        if self.exports is not None:
+            self.exports.detach(md)
         if self._by_minor.get(md.minor) is md:
             del self._by_minor[md.minor]
             self._by_name.pop(md.name, None)
@@ -430,7 +458,7 @@ class DeviceManager:
         while progress:
             progress = False
             for md in sorted(self._by_minor.values(), key=lambda d: d.name):
-                if not md.open_count:
+                if not md.open_count and not (self.exports is not None and self.exports.busy(md)):
                     self._destroy(md)
                     progress = True
 
@@ -476,8 +504,11 @@ class DeviceManager:
                         "EBUSY", f"Unable to change name on mapped device {md.name} to one that already exists: "
                         f"{new_name}")
                 del self._by_name[md.name]
+                old_name = md.name
                 md.rename(new_name)
                 self._by_name[new_name] = md
+                if self.exports is not None:
+                    self.exports.renamed(md, old_name)
             self._save()
             return md.info()
 
@@ -674,8 +705,12 @@ class DeviceManager:
     def start(self) -> None:
         """Restore the saved devices and start the autoextend monitor."""
         with self._lock:
+            if self.exports is not None:
+                self.exports.start()
             if self.store is not None:
                 self._restore(self.store.load())
+            for md in self._by_minor.values():
+                self._export(md)
         self.monitor.start()
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -718,6 +753,8 @@ class DeviceManager:
         """Stop the monitor, then flush and close every device, top of the stacks first.  The saved
         state is left as it is: the devices come back at the next start."""
         self.monitor.stop()
+        if self.exports is not None:
+            self.exports.close()
         with self._lock:
             if self.store is not None:
                 self.store.save(self.state())

@@ -29,6 +29,7 @@ from typing import Any
 
 from devmapper.control.api import handle
 from devmapper.control.endpoint import LOCK_NAME, PID_NAME, SOCKET_NAME, socket_address
+from devmapper.control.exports import ExportHub
 from devmapper.control.manager import DeviceManager
 from devmapper.control.protocol import Decoder, ProtocolError, encode, error_payload
 from devmapper.control.state import StateStore
@@ -57,13 +58,15 @@ def _lock(path: Path) -> int:
 
 class Daemon:
     def __init__(
-        self, runtime_dir: Path, state_dir: Path, *, monitor_interval: float = 1.0, no_space_timeout: float = 60.0
+        self, runtime_dir: Path, state_dir: Path, *, monitor_interval: float = 1.0, no_space_timeout: float = 60.0,
+        exports: ExportHub | None = None,
     ) -> None:
         self.runtime_dir = runtime_dir
         self.state_dir = state_dir
         self.manager = DeviceManager(
             StateStore(state_dir), monitor_interval=monitor_interval, no_space_timeout=no_space_timeout
         )
+        self.manager.exports = exports
         self._locks: list[int] = []
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
