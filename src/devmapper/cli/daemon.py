@@ -10,7 +10,11 @@ Device files: the daemon mounts ``<runtime dir>/devices`` (FUSE, direct I/O) wit
 mapped device, sized as the device.  As root it also attaches a loop device (``--direct-io=on``) to
 each file and links ``/dev/mapper/NAME`` (``--mapper-dir``) to it, so ``mkfs``/``mount`` work on
 ``/dev/mapper/NAME``; ``--no-loop`` keeps only the files, ``--no-device-files`` mounts nothing.
-Removing a device whose loop device is mounted fails (busy) unless deferred.  Suspending a device
+Removing a device whose loop device is mounted fails (busy) unless deferred.
+
+NBD: every mapped device with a live table is also an NBD export named after it, on the unix socket
+``<runtime dir>/nbd.sock`` (``nbd+unix:///NAME?socket=<runtime dir>/nbd.sock``) and, with
+``--nbd-tcp PORT``, on 127.0.0.1; ``--no-nbd`` turns this off.  Suspending a device
 holds its I/O but does not freeze a filesystem on it (``sync`` first, as with ``--nolockfs``).
 
 Directories: ``--runtime-dir``/``--state-dir`` win; then ``$DEVMAPPER_RUNTIME_DIR`` and
@@ -33,10 +37,13 @@ from types import FrameType
 from typing import Any, TextIO
 
 from devmapper.control.exports import ExportHub
+from devmapper.control.nbd_exports import DeviceExports
 from devmapper.control.server import Daemon, DaemonRunningError
+from devmapper.nbd.server import NbdServer
 
 LOG_NAME = "daemon.log"
 DEVICES_DIR = "devices"
+NBD_SOCKET = "nbd.sock"
 
 
 def runtime_dir_from_env(env: Mapping[str, str] | None = None) -> Path:
@@ -91,6 +98,8 @@ def register(sub: Any) -> None:
                    help="no loop devices and mapper links for the device files (default as root: on)")
     p.add_argument("--mapper-dir", type=Path, default=Path("/dev/mapper"), metavar="DIR",
                    help="where NAME links to the device's loop device go (/dev/mapper)")
+    p.add_argument("--no-nbd", action="store_true", help="do not serve the devices over NBD")
+    p.add_argument("--nbd-tcp", type=int, metavar="PORT", help="also serve NBD on 127.0.0.1:PORT (0: any port)")
     p.set_defaults(handler=run)
 
 
@@ -130,8 +139,20 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"devmapper daemon: {e}\n")
         return 1
     os.chdir("/")
+    nbd = None if args.no_nbd else _start_nbd(daemon, runtime_dir.absolute(), args.nbd_tcp)
     try:
         daemon.serve_forever()
     finally:
+        if nbd is not None:
+            nbd.shutdown()
         daemon.close()
     return 0
+
+
+def _start_nbd(daemon: Daemon, runtime_dir: Path, tcp_port: int | None) -> NbdServer:
+    server = NbdServer(DeviceExports(daemon.manager))
+    server.serve_unix(runtime_dir / NBD_SOCKET)
+    if tcp_port is not None:
+        host, port = server.serve_tcp("127.0.0.1", tcp_port)
+        logging.getLogger(__name__).info("serving NBD on %s:%d", host, port)
+    return server

@@ -657,6 +657,10 @@ class DeviceManager:
     def block_status(self, ref: DeviceRef, offset: int, length: int) -> list[Extent]:
         return self._locked(lambda: self.find(ref)).block_status(offset, length)
 
+    def peek(self, ref: DeviceRef) -> MappedDevice:
+        """The device ref names, without opening it (NBD looks exports up for INFO and LIST too)."""
+        return self._locked(lambda: self.find(ref))
+
     def open_export(self, ref: DeviceRef) -> DeviceHandle:
         """An ``Export`` on a device for the NBD and FUSE adapters; it counts as an opener until closed."""
         return self._locked(lambda: self.find(ref).open_handle())
