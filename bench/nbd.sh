@@ -3,11 +3,14 @@
 #
 #   bench/nbd.sh [WORKDIR]        (default: a fresh directory under /var/tmp; kept with KEEP=1)
 #
-# Environment: RUNTIME (s per fio job, default 5), RAMP (s, default 1), SIZE_MIB (1024), DEPTH (100),
+# Environment: RUNTIME (s per fio job, default 4), RAMP (s, default 1), ROUNDS (main table, 2),
+# DEPTH_ROUNDS (snapshot-depth rows, 3), SIZE_MIB (1024), DEPTH (100),
 # WORKERS (worker threads per connection of our server, default 4), NO_PIN=1 to skip CPU pinning.
 #
 # One run, one disk: every file lives in WORKDIR.  All NBD traffic is fio's nbd engine over unix
-# sockets (one connection per job).  Targets:
+# sockets (one connection per job).  All servers run for the whole benchmark; within each row the
+# targets take turns and the rows are repeated ROUNDS times; the report keeps each target's best
+# round (interference from other work on the machine only ever slows a job down).  Targets:
 #   ours         devmapper nbd serving a fully written thin volume (page cache: our engine does
 #                buffered pread/pwrite, like qemu's cache=writeback and nbdkit's file plugin)
 #   qcow2wb      qemu-nbd on a fully written qcow2 (64 KiB clusters), --cache=writeback --aio=threads
@@ -24,7 +27,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
 PY=${PY:-$ROOT/.venv/bin/python}
 DEVMAPPER=${DEVMAPPER:-$ROOT/.venv/bin/devmapper}
-RUNTIME=${RUNTIME:-5}
+RUNTIME=${RUNTIME:-4}
+ROUNDS=${ROUNDS:-2}
+DEPTH_ROUNDS=${DEPTH_ROUNDS:-3}
 RAMP=${RAMP:-1}
 SIZE_MIB=${SIZE_MIB:-1024}
 DEPTH=${DEPTH:-100}
@@ -80,65 +85,77 @@ declare -A ROW=(
 )
 MAIN_ROWS=(seqread-1M-qd1 seqwrite-1M-qd1 randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32)
 
-job() {  # job TARGET ROW ENGINE-ARGS...
-    local target=$1 row=$2; shift 2
+job() {  # job TARGET ROW ROUND ENGINE-ARGS...
+    local target=$1 row=$2 round=$3; shift 3
     # shellcheck disable=SC2086
     "${CLI[@]}" fio --name="$target-$row" ${ROW[$row]} --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
-        --size="${SIZE_MIB}M" --output-format=json --output="results/${target}__${row}.json" "$@" >/dev/null 2>&1 \
+        --size="${SIZE_MIB}M" --output-format=json --output="results/${target}__${row}__r${round}.json" "$@" >/dev/null 2>&1 \
         || { echo "nbd.sh: fio failed for $target $row" >&2; exit 1; }
-    printf '  %-12s %-18s done\n' "$target" "$row"
+    printf .
 }
 
 t_start=$(date +%s)
 echo "== setup in $WORK ($SIZE_MIB MiB volumes, chain depth $DEPTH; $PIN)"
 "$PY" "$HERE/nbd_bench.py" setup "$WORK" --size-mib "$SIZE_MIB" --depth "$DEPTH"
 qemu-img convert -f raw -O qcow2 -o cluster_size=64k raw.img single.qcow2
+cp single.qcow2 single-direct.qcow2
 qemu-img convert -f raw -O qcow2 -o cluster_size=64k raw.img s0.qcow2
 for i in $(seq 1 $((DEPTH - 1))); do
     qemu-img create -q -f qcow2 -o cluster_size=64k -F qcow2 -b "s$((i - 1)).qcow2" "s$i.qcow2"
     qemu-io -f qcow2 -c "write -q -P $((i % 256)) $(( (i * 8) % (SIZE_MIB - 4) ))M 4M" "s$i.qcow2"
 done
-cat raw.img single.qcow2 >/dev/null  # warm the page cache for the page-cache targets
 
-echo "== main table (fio ${RUNTIME}s + ${RAMP}s ramp per job)"
+echo "== servers"
 U_OURS="nbd+unix:///vol?socket=$WORK/ours.sock"
 start ours ours.sock "$U_OURS" "$DEVMAPPER" nbd --metadata meta --data data --size "${SIZE_MIB}M" \
     --thin 1000:vol --thin 0:d1 --thin 9:d10 --thin $((DEPTH - 1)):d100 --workers "$WORKERS" --socket ours.sock
-nbdcopy "$U_OURS" null: 2>/dev/null || true  # warm our data blocks the same way
-for row in "${MAIN_ROWS[@]}"; do job ours "$row" --ioengine=nbd --uri="$U_OURS"; done
-for n in 1 10 100; do
-    for row in randread-4k-qd1 randread-4k-qd32; do
-        job "ours-d$n" "$row" --ioengine=nbd --uri="nbd+unix:///d$n?socket=$WORK/ours.sock"
-    done
-done
-stop_all
-
 U_QWB="nbd+unix:///?socket=$WORK/qwb.sock"
 start qcow2wb qwb.sock "$U_QWB" qemu-nbd -k "$WORK/qwb.sock" -f qcow2 --cache=writeback -t single.qcow2
-for row in "${MAIN_ROWS[@]}"; do job qcow2wb "$row" --ioengine=nbd --uri="$U_QWB"; done
-stop_all
-
 U_QD="nbd+unix:///?socket=$WORK/qd.sock"
-start qcow2direct qd.sock "$U_QD" qemu-nbd -k "$WORK/qd.sock" -f qcow2 --cache=none --aio=native -t single.qcow2
-for row in "${MAIN_ROWS[@]}"; do job qcow2direct "$row" --ioengine=nbd --uri="$U_QD"; done
-stop_all
-
+start qcow2direct qd.sock "$U_QD" qemu-nbd -k "$WORK/qd.sock" -f qcow2 --cache=none --aio=native -t single-direct.qcow2
 U_KIT="nbd+unix:///?socket=$WORK/kit.sock"
 start nbdkit kit.sock "$U_KIT" nbdkit -f -U "$WORK/kit.sock" file raw.img
-for row in "${MAIN_ROWS[@]}"; do job nbdkit "$row" --ioengine=nbd --uri="$U_KIT"; done
-stop_all
-
-for row in "${MAIN_ROWS[@]}"; do job raw "$row" --ioengine=libaio --direct=1 --filename=raw.img; done
-
-echo "== qcow2 chains"
+declare -A URI=([ours]=$U_OURS [qcow2wb]=$U_QWB [qcow2direct]=$U_QD [nbdkit]=$U_KIT)
 for n in 1 10 100; do
     top="s$((n - 1)).qcow2"
-    u="nbd+unix:///?socket=$WORK/q$n.sock"
-    start "qcow2-d$n" "q$n.sock" "$u" qemu-nbd -r -k "$WORK/q$n.sock" -f qcow2 --cache=writeback -t "$top"
-    nbdcopy "$u" null: 2>/dev/null || true
-    for row in randread-4k-qd1 randread-4k-qd32; do job "qcow2wb-d$n" "$row" --ioengine=nbd --uri="$u"; done
-    stop_all
+    URI[qcow2wb-d$n]="nbd+unix:///?socket=$WORK/q$n.sock"
+    start "qcow2-d$n" "q$n.sock" "${URI[qcow2wb-d$n]}" qemu-nbd -r -k "$WORK/q$n.sock" -f qcow2 --cache=writeback -t "$top"
+    URI[ours-d$n]="nbd+unix:///d$n?socket=$WORK/ours.sock"
 done
+for t in ours qcow2wb nbdkit qcow2wb-d1 qcow2wb-d10 qcow2wb-d100 ours-d1 ours-d10 ours-d100; do
+    nbdcopy "${URI[$t]}" null: 2>/dev/null || true  # warm every page-cache target the same way
+done
+
+target_args() {  # the fio engine arguments of a target
+    if [[ $1 == raw ]]; then echo "--ioengine=libaio --direct=1 --filename=raw.img"
+    else echo "--ioengine=nbd --uri=${URI[$1]}"; fi
+}
+
+# Targets take turns within each row and the rows are repeated ROUNDS times, so a burst of load from
+# elsewhere on the machine hits every target alike; the report keeps each target's best round.
+for r in $(seq "$ROUNDS"); do
+    echo "== round $r/$ROUNDS: main table (fio ${RUNTIME}s + ${RAMP}s ramp per job)"
+    for row in "${MAIN_ROWS[@]}"; do
+        for t in ours qcow2wb qcow2direct nbdkit raw; do
+            # shellcheck disable=SC2046
+            job "$t" "$row" "$r" $(target_args "$t")
+        done
+    done
+    echo
+done
+for r in $(seq "$DEPTH_ROUNDS"); do
+    echo "== round $r/$DEPTH_ROUNDS: snapshot depth"
+    for row in randread-4k-qd1 randread-4k-qd32; do
+        for n in 1 10 100; do
+            for t in "ours-d$n" "qcow2wb-d$n"; do
+                # shellcheck disable=SC2046
+                job "$t" "$row" "$r" $(target_args "$t")
+            done
+        done
+    done
+    echo
+done
+stop_all
 
 if ! "$PY" -c "import matplotlib" 2>/dev/null; then
     "$PY" -m pip install -q matplotlib >/dev/null 2>&1 || echo "nbd.sh: matplotlib could not be installed; no plot"

@@ -3,7 +3,9 @@
 Allocation is tracked per ``grain`` bytes (4 KiB by default): a write allocates the grains it
 touches; ``discard`` and ``write_zeroes(unmap=True)`` deallocate the grains they cover whole (which
 then read as zeroes, so a hole is also a zero extent); ``write_zeroes(unmap=False)`` allocates.
-Calls are counted (``calls``) and an error can be injected per operation (``fail``).
+Calls are counted (``calls``) and an error can be injected per operation (``fail``, after
+``fail_skip`` successful calls).  ``readinto`` is the optional fast read path the server uses for
+large reads.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class MemoryExport:
         self.data = bytearray(size)
         self.allocated = bytearray(-(-size // grain))  # 1 per allocated grain
         self.calls: collections.Counter[str] = collections.Counter()
-        self.fail: dict[str, str] = {}  # operation -> errno name raised by its next call
+        self.fail: dict[str, str] = {}  # operation -> errno name raised by its next call ...
+        self.fail_skip: collections.Counter[str] = collections.Counter()  # ... after this many calls pass
         self.closed = False
         self._lock = threading.Lock()
 
@@ -43,8 +46,10 @@ class MemoryExport:
 
     def _enter(self, op: str, offset: int, length: int, write: bool = False) -> None:
         self.calls[op] += 1
-        name = self.fail.pop(op, None)
-        if name is not None:
+        if op in self.fail and self.fail_skip[op] > 0:
+            self.fail_skip[op] -= 1
+        elif op in self.fail:
+            name = self.fail.pop(op)
             raise DeviceError(f"injected {name} in {op}", name)
         if write and self._read_only:
             raise DeviceError("read-only export", "EROFS")
@@ -67,6 +72,11 @@ class MemoryExport:
     def read(self, offset: int, length: int) -> bytes:
         self._enter("read", offset, length)
         return bytes(self.data[offset : offset + length])
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        """The optional fast path the NBD server uses for large reads."""
+        self._enter("readinto", offset, len(buf))
+        memoryview(buf)[:] = self.data[offset : offset + len(buf)]
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         mv = memoryview(data).cast("B")

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
 from helpers.tools import run_tool
 from pool.support import make_pool_files
 

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Serve
-from helpers.tools import run_tool
 from nbd_memory import MemoryExport
-from pool.support import make_pool_files
 
+from conftest import Serve
 from devmapper.cli.nbd import ThinExport
 from devmapper.export import Export
 from devmapper.thin.pool import Pool
+from helpers.tools import run_tool
+from pool.support import make_pool_files
 
 MiB = 1 << 20
 SIZE = 32 * MiB

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Serve
 from nbd_memory import MemoryExport
+
+from conftest import Serve
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
 
@@ -119,7 +120,7 @@ def test_default_export_is_the_named_default_or_the_only_one(serve: Serve) -> No
 
 def test_unknown_export_fails_go(serve: Serve) -> None:
     _server, path = serve(exports())
-    with pytest.raises(nbd.Error, match="(?i)unknown|not found|export"):
+    with pytest.raises(nbd.Error, match=r"(?i)unknown|not found|export"):
         connect(path, "nope")
 
 
@@ -168,7 +169,7 @@ def extents_of(h: Any, count: int, offset: int, flags: int = 0) -> list[tuple[in
     return got
 
 
-HOLE_ZERO = nbd.STATE_HOLE | nbd.STATE_ZERO if hasattr(nbd, "STATE_HOLE") else 3
+HOLE_ZERO = nbd.STATE_HOLE | nbd.STATE_ZERO
 
 
 def test_read_write_fua_flush(serve: Serve, workers: int) -> None:
@@ -332,6 +333,21 @@ def test_export_errors_become_nbd_errors(serve: Serve, op: str, name: str, call:
     call(h)  # the fault was one-shot; the connection still works
 
 
+def test_large_reads_use_readinto_and_pooled_buffers(serve: Serve, workers: int) -> None:
+    ex = exports()
+    ex["disk"].data[:] = os.urandom(4 * MiB)
+    _server, path = serve(ex, workers=workers)
+    h = connect(path)
+    for _ in range(3):
+        assert h.pread(2 * MiB, 4096) == ex["disk"].data[4096 : 2 * MiB + 4096]
+        assert h.pread(65536, 0) == ex["disk"].data[:65536]
+    assert ex["disk"].calls["readinto"] == 6 and ex["disk"].calls["read"] == 0
+    ex["disk"].fail["readinto"], ex["disk"].fail_skip["readinto"] = "EIO", 1
+    h.pread(MiB, 0)
+    assert errnum(lambda: h.pread(MiB, 0)) == errno.EIO
+    assert h.pread(MiB, 0) == ex["disk"].data[:MiB]
+
+
 def test_trim_the_export_cannot_do_is_still_success(serve: Serve) -> None:
     ex = exports()
     _server, path = serve(ex)
@@ -353,6 +369,16 @@ def test_shutdown_closes_connections_and_removes_the_socket(serve: Serve) -> Non
     assert server.nr_connections == 0
     with pytest.raises(nbd.Error):
         h.pread(4096, 0)
+
+
+def test_disconnect_one_export(serve: Serve) -> None:
+    server, path = serve(exports())
+    d, r = connect(path, "disk"), connect(path, "ro")
+    assert server.disconnect("disk") == 1
+    with pytest.raises(nbd.Error):
+        d.pread(4096, 0)
+    assert r.pread(4096, 0) == PATTERN
+    assert server.disconnect("nope") == 0
 
 
 def test_many_concurrent_clients(serve: Serve) -> None:

@@ -217,10 +217,8 @@ def walk(tm: TransactionManager, root: int) -> tuple[list[tuple[int, int]], list
         n = node.nr_entries
         where = f"node {b} (depth {depth})"
         assert len(node.values) == n, where
-        if node.is_leaf:
-            assert node.value_size == 8, where
-        else:
-            assert node.value_size == 8, where
+        assert node.value_size == 8, where  # mapping leaves and every internal node
+        if not node.is_leaf:
             assert n >= 1, f"{where}: internal node with no entries"
         assert node.max_entries == calc_max_entries(node.value_size), where
         assert n <= node.max_entries, f"{where}: {n} > max {node.max_entries}"
@@ -257,7 +255,6 @@ class BTreeMachine(RuleBasedStateMachine):
         self.model: dict[int, int] = {}
         self.clone: dict[int, int] | None = None
         self.serial = 0
-        self.commits = 0
 
     def teardown(self) -> None:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
@@ -412,7 +409,6 @@ class BTreeMachine(RuleBasedStateMachine):
         if self.clone is not None:
             counts[1] = len(self.clone)
         self.s.commit(counts)
-        self.commits += 1
         path = self.tmpdir / "meta.img"
         write_sparse_image(self.s.dev, path)
         devices = {0: self.model}

@@ -64,7 +64,7 @@ class ThinExport:
     def read(self, offset: int, length: int) -> bytes:
         return self.volume.read(offset, length)
 
-    def readinto(self, offset: int, buf: bytearray) -> None:
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         """Fill buf from offset (the NBD server's copy-saving path for large reads)."""
         self.volume.readinto(offset, buf)
 
@@ -140,7 +140,7 @@ class FileExport:
             raise DeviceError(f"short read at {offset} of {self._name}", "EIO")
         return data
 
-    def readinto(self, offset: int, buf: bytearray) -> None:
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         """Fill buf from offset (the NBD server's copy-saving path for large reads)."""
         self._check(offset, len(buf))
         mv, done = memoryview(buf), 0

@@ -37,9 +37,10 @@ go from the kernel straight to the buffer handed to the export (at most what arr
 header is copied).  The payload of a rejected WRITE is received into a scratch buffer and dropped.
 
 Requests are validated here against the export's ``ExportInfo`` and the negotiated features, in
-this order: unknown command, flags not valid for the command, write to a read-only export (EPERM),
-payload larger than the maximum (EOVERFLOW), range past the end (ENOSPC for writes, EINVAL
-otherwise), misalignment to the minimum block size (EINVAL).  A ``Request`` with ``error`` set is
+this order: unknown or unadvertised command (EINVAL), flags not valid for the command (EINVAL),
+READ/WRITE longer than the maximum payload (EOVERFLOW), FLUSH with a range (EINVAL), write to a
+read-only export (EPERM), range past the end (ENOSPC for WRITE and WRITE_ZEROES, EINVAL otherwise),
+misalignment to the minimum block size (EINVAL).  A ``Request`` with ``error`` set is
 to be answered with ``reply_error`` and nothing else; the connection stays usable.
 
 The module knows bytes, numbers and names; what an export *is* lives in ``devmapper.export`` and
@@ -602,6 +603,8 @@ class ServerConnection:
 
     def next_event(self) -> Event:
         """The next event, ``NEED_DATA`` if none is complete yet.  Raises ``RemoteProtocolError``."""
+        if self.state is _TRANSMISSION and self._mode == _MODE_HEADER and not self._events and not self._eof:
+            return self._read_request()  # the hot path: one request header from the buffer
         if self._events:
             return self._events.popleft()
         if self.finished:
@@ -980,6 +983,7 @@ class ServerConnection:
         return bytes(out)
 
 
+_TRANSMISSION = State.TRANSMISSION
 _READERS: dict[State, Callable[[ServerConnection], Event]] = {
     State.GREETING: ServerConnection._read_client_flags,
     State.OPTIONS: ServerConnection._read_option,

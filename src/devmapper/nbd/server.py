@@ -115,21 +115,26 @@ def _error_of(e: BaseException) -> tuple[int, str]:
 def _sendv(sock: socket.socket, bufs: Buffers) -> None:
     """Send every buffer in order (sendmsg may stop short; IOV_MAX caps one call)."""
     while bufs:
-        batch = bufs[:IOV_MAX]
+        batch, bufs = bufs[:IOV_MAX], bufs[IOV_MAX:]
         sent = sock.sendmsg(batch)
-        total = sum(len(b) for b in batch)
-        if sent == total:
-            bufs = bufs[IOV_MAX:]
+        if sent == sum(map(len, batch)):
             continue
-        rest: Buffers = []
-        for i, b in enumerate(batch):
-            if sent >= len(b):
-                sent -= len(b)
-                continue
-            rest.append(memoryview(b)[sent:])
-            rest.extend(batch[i + 1 :])
-            break
-        bufs = rest + bufs[IOV_MAX:]
+        for i, b in enumerate(batch):  # stopped short: resend from where it stopped
+            if sent < len(b):
+                bufs = [memoryview(b)[sent:], *batch[i + 1 :], *bufs]
+                break
+            sent -= len(b)
+
+
+def _listening(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 class NbdServer:
@@ -177,10 +182,13 @@ class NbdServer:
     # -- listening ----------------------------------------------------------------------------
 
     def serve_unix(self, path: str | os.PathLike[str]) -> str:
-        """Listen on a unix socket at path (a stale socket there is replaced); returns the path."""
+        """Listen on a unix socket at path (a stale socket there is replaced, a live one is an error);
+        returns the path."""
         path = os.fspath(path)
         try:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
+                if _listening(path):
+                    raise DevmapperError(f"{path}: another server is listening there")
                 os.unlink(path)
         except FileNotFoundError:
             pass
@@ -271,6 +279,17 @@ class NbdServer:
             max_payload=max_payload,
         )
 
+    def disconnect(self, name: str, timeout: float = 10.0) -> int:
+        """Close every connection serving export ``name`` (its in-flight requests finish first), e.g.
+        before the device behind it is removed; returns how many there were."""
+        with self._lock:
+            conns = [c for c in self._connections if c.export_name == name]
+        for conn in conns:
+            conn.stop_reading()
+        for conn in conns:
+            conn.join(timeout)
+        return len(conns)
+
     # -- shutdown -----------------------------------------------------------------------------
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -351,7 +370,8 @@ class _Connection:
         self.pool = _BufferPool()
         self.proto = p.ServerConnection(allocator=self.pool.get)
         self.export: Export | None = None
-        self._readinto: Callable[[int, bytearray], None] | None = None
+        self.export_name: str | None = None
+        self._readinto: Callable[[int, bytearray | memoryview], None] | None = None
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._inflight = 0
@@ -439,7 +459,7 @@ class _Connection:
             return
         proto.answer_export(info)
         if proto.state is p.State.TRANSMISSION:
-            self.export = export
+            self.export, self.export_name = export, name
 
     def _answer_list(self) -> None:
         server, proto = self.server, self.proto
@@ -542,9 +562,6 @@ class _Connection:
         except Exception as e:
             code, message = _error_of(e)
             out.append(self.proto.reply_error(req.cookie, code, message))
-        finally:
-            if req.payload is not None:
-                self.pool.put(req.payload)  # the export has copied what it needed
 
     def _do_read(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
         assert self.export is not None
@@ -567,7 +584,10 @@ class _Connection:
 
     def _do_write(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
         assert self.export is not None and req.payload is not None
-        self.export.write(req.offset, req.payload, bool(req.flags & _FUA))
+        try:
+            self.export.write(req.offset, req.payload, bool(req.flags & _FUA))
+        finally:
+            self.pool.put(req.payload)  # the export has copied what it needed
         out.append(self.proto.reply_ok(req.cookie))
 
     def _do_flush(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
