@@ -34,7 +34,7 @@ which commits, queues or raises according to the pool's mode and no-space policy
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from devmapper.errors import BlockDeviceError, DeviceError, NoSpaceError
@@ -150,13 +150,7 @@ class ThinVolume:
     # -- read ------------------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
-        """The volume's bytes at offset.
-
-        The blocks' locks are taken in ascending order (every other path holds one block lock at a
-        time, so this cannot deadlock), then runs of consecutive data blocks are read with one
-        ``pread`` each and joined; unprovisioned blocks read as zeroes.  When an external origin
-        shows through, the per-block ``readinto`` path serves the request instead.
-        """
+        """The volume's bytes at offset (see ``_locked_runs`` for how multi-block reads are served)."""
         self._check(offset, length)
         pieces = list(self._pieces(offset, length))
         if len(pieces) == 1:
@@ -164,46 +158,48 @@ class ThinVolume:
             data = self._read_mapped(vblock, within, n)
             if data is not None:
                 return data
+        parts: list[bytes] = []
+
+        def serve(runs: list[tuple[int, int, int]]) -> None:
+            parts.extend(bytes(n) if where < 0 else self.pool.data.pread(where, n) for _pos, where, n in runs)
+
+        if not self._locked_runs(pieces, serve):
+            buf = bytearray(length)
+            self._readinto_pieces(pieces, memoryview(buf))
+            return bytes(buf)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _locked_runs(self, pieces: list[tuple[int, int, int, int]],
+                     serve: Callable[[list[tuple[int, int, int]]], None]) -> bool:
+        """Serve a read as runs (position in request, data offset or -1 for zeroes, length).
+
+        The blocks' locks are taken in ascending order (every other path holds one block lock at a
+        time, so this cannot deadlock); one range lookup finds the mappings, consecutive data blocks
+        merge into one run, so each run is one ``pread``.  Returns False, serving nothing, when an
+        external origin shows through (the caller then reads block by block).
+        """
         pool = self.pool
         keys = [(self.dev_id, p[0]) for p in pieces]
         entries = [pool.locks.acquire(k) for k in keys]
         try:
-            parts = self._read_runs(pieces)
+            mapped = {vb: b for vb, b, _t in pool.md.mappings(self.dev_id, pieces[0][0], pieces[-1][0] + 1)}
+            runs: list[tuple[int, int, int]] = []
+            for vblock, within, pos, n in pieces:
+                data_block = mapped.get(vblock)
+                if data_block is None and self.origin is not None:
+                    return False
+                where = -1 if data_block is None else data_block * self._bs + within
+                if runs and runs[-1][1] >= 0 and where >= 0 and runs[-1][1] + runs[-1][2] == where:
+                    runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + n)
+                elif runs and runs[-1][1] < 0 and where < 0:
+                    runs[-1] = (runs[-1][0], -1, runs[-1][2] + n)
+                else:
+                    runs.append((pos, where, n))
+            serve(runs)
+            return True
         finally:
             for k, e in zip(reversed(keys), reversed(entries), strict=True):
                 pool.locks.release(k, e)
-        if parts is None:
-            buf = bytearray(length)
-            self.readinto(offset, buf)
-            return bytes(buf)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _read_runs(self, pieces: list[tuple[int, int, int, int]]) -> list[bytes] | None:
-        """Bytes of locked pieces (one range lookup, one pread per run of consecutive data blocks);
-        None if the external origin shows through."""
-        pool, parts = self.pool, []
-        mapped = {vb: b for vb, b, _t in pool.md.mappings(self.dev_id, pieces[0][0], pieces[-1][0] + 1)}
-        start = size = 0
-        for vblock, within, _pos, n in pieces:
-            data_block = mapped.get(vblock)
-            if data_block is None:
-                if self.origin is not None:
-                    return None
-                if size:
-                    parts.append(pool.data.pread(start, size))
-                    size = 0
-                parts.append(bytes(n))
-                continue
-            where = data_block * self._bs + within
-            if size and start + size == where:
-                size += n
-            else:
-                if size:
-                    parts.append(pool.data.pread(start, size))
-                start, size = where, n
-        if size:
-            parts.append(pool.data.pread(start, size))
-        return parts
 
     def _read_mapped(self, vblock: int, within: int, length: int) -> bytes | None:
         """Bytes within one block, or None when they come from the external origin."""
@@ -218,10 +214,25 @@ class ThinVolume:
             pool.locks.release(key, entry)
 
     def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
-        """Fill buf with the volume's bytes from offset."""
+        """Fill buf with the volume's bytes from offset (runs of data blocks with one preadv each)."""
         out = memoryview(buf).cast("B")
         self._check(offset, len(out))
-        for vblock, within, pos, n in self._pieces(offset, len(out)):
+        pieces = list(self._pieces(offset, len(out)))
+        if not pieces:
+            return
+
+        def serve(runs: list[tuple[int, int, int]]) -> None:
+            for pos, where, n in runs:
+                if where < 0:
+                    _zero_fill(out[pos : pos + n])
+                else:
+                    self.pool.data.read_into(where, out[pos : pos + n])
+
+        if not self._locked_runs(pieces, serve):
+            self._readinto_pieces(pieces, out)
+
+    def _readinto_pieces(self, pieces: list[tuple[int, int, int, int]], out: memoryview) -> None:
+        for vblock, within, pos, n in pieces:
             self._read_piece(vblock, within, out[pos : pos + n])
 
     def _read_piece(self, vblock: int, within: int, out: memoryview) -> None:
