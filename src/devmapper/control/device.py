@@ -359,3 +359,42 @@ class DeviceHandle:
 
 
 _IMPLEMENTS: type[Export] = DeviceHandle  # checked by mypy: a handle is an Export
+
+
+class DeviceView:
+    """An ``Export`` over a mapped device that does not count as an opener (NBD lookups, FUSE files)."""
+
+    def __init__(self, md: MappedDevice) -> None:
+        self._md = md
+
+    @property
+    def name(self) -> str:
+        return self._md.name
+
+    @property
+    def read_only(self) -> bool:
+        return self._md.read_only
+
+    def size(self) -> int:
+        return self._md.size()
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._md.read(offset, length)
+
+    def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
+        self._md.write(offset, data, fua)
+
+    def flush(self) -> None:
+        self._md.flush()
+
+    def discard(self, offset: int, length: int) -> None:
+        self._md.discard(offset, length)
+
+    def write_zeroes(self, offset: int, length: int, fua: bool = False, unmap: bool = True) -> None:
+        self._md.write_zeroes(offset, length, fua, unmap)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        return self._md.block_status(offset, length)
+
+    def close(self) -> None:
+        """Nothing to release: the view never opened the device."""

@@ -35,8 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from devmapper.control.device import MappedDevice
-from devmapper.export import Export, Extent
+from devmapper.control.device import DeviceView, MappedDevice
+from devmapper.export import Export
 
 log = logging.getLogger(__name__)
 
@@ -65,46 +65,6 @@ class DeviceFiles(Protocol):
     def stop(self) -> None: ...
 
 
-class _Uncounted:
-    """A device as an ``Export`` that is not an opener (the loop device is tracked as ``busy``)."""
-
-    def __init__(self, md: MappedDevice) -> None:
-        self._md = md
-
-    @property
-    def name(self) -> str:
-        return self._md.name
-
-    @property
-    def read_only(self) -> bool:
-        return self._md.read_only
-
-    def size(self) -> int:
-        return self._md.size()
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._md.read(offset, length)
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
-        self._md.write(offset, data, fua)
-
-    def flush(self) -> None:
-        self._md.flush()
-
-    def discard(self, offset: int, length: int) -> None:
-        self._md.discard(offset, length)
-
-    def write_zeroes(self, offset: int, length: int, fua: bool = False, unmap: bool = True) -> None:
-        self._md.write_zeroes(offset, length, fua, unmap)
-
-    def block_status(self, offset: int, length: int) -> list[Extent]:
-        return self._md.block_status(offset, length)
-
-    def close(self) -> None:
-        pass
-
-
-_IMPLEMENTS: type[Export] = _Uncounted
 
 
 def _run(*argv: str) -> str:
@@ -191,7 +151,7 @@ class ExportHub:
             if entry is None:
                 entry = self._entries[md.minor] = _Entry(md.name)
                 try:
-                    self.files.add(md.name, _Uncounted(md))
+                    self.files.add(md.name, DeviceView(md))
                 except OSError as e:
                     log.error("%s: no device file: %s", md.name, e)
             size = md.size()
