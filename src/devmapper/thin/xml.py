@@ -30,6 +30,7 @@ unchanged, with a note naming the line being processed.
 
 from __future__ import annotations
 
+import abc
 import os
 import re
 from collections.abc import Callable
@@ -57,7 +58,7 @@ class XmlFormatError(MetadataError):
 # Writers
 
 
-class _RunMerger:
+class _RunMerger(abc.ABC):
     """Run merging shared by both writers (mirrors ``mapping_emit_visitor`` in metadata_dumper.cc)."""
 
     def __init__(self) -> None:
@@ -85,11 +86,13 @@ class _RunMerger:
             self._range(self._origin, self._data, self._length, self._time)
         self._length = 0
 
+    @abc.abstractmethod
     def _single(self, origin: int, data: int, time: int) -> None:
-        raise NotImplementedError
+        """Emit one single mapping."""
 
+    @abc.abstractmethod
     def _range(self, origin: int, data: int, length: int, time: int) -> None:
-        raise NotImplementedError
+        """Emit one range mapping of length >= 2."""
 
 
 def _xml_attr(text: str) -> str:
