@@ -130,6 +130,30 @@ class BlockLocks:
         entry.lock.acquire()
         return entry
 
+    def acquire_many(self, keys: list[Hashable]) -> list[_Entry]:
+        """``acquire`` for each key, in the order given (callers pass ascending keys), registering all
+        of them under one hold of the table's mutex."""
+        with self._mutex:
+            entries = []
+            for key in keys:
+                entry = self._table.get(key)
+                if entry is None:
+                    entry = self._table[key] = _Entry()
+                entry.users += 1
+                entries.append(entry)
+        for entry in entries:
+            entry.lock.acquire()
+        return entries
+
+    def release_many(self, keys: list[Hashable], entries: list[_Entry]) -> None:
+        for entry in entries:
+            entry.lock.release()
+        with self._mutex:
+            for key, entry in zip(keys, entries, strict=True):
+                entry.users -= 1
+                if not entry.users:
+                    del self._table[key]
+
     def release(self, key: Hashable, entry: _Entry) -> None:
         entry.lock.release()
         with self._mutex:

@@ -34,7 +34,7 @@ which commits, queues or raises according to the pool's mode and no-space policy
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING
 
 from devmapper.errors import BlockDeviceError, DeviceError, NoSpaceError
@@ -179,8 +179,8 @@ class ThinVolume:
         external origin shows through (the caller then reads block by block).
         """
         pool = self.pool
-        keys = [(self.dev_id, p[0]) for p in pieces]
-        entries = [pool.locks.acquire(k) for k in keys]
+        keys: list[Hashable] = [(self.dev_id, p[0]) for p in pieces]
+        entries = pool.locks.acquire_many(keys)
         try:
             mapped = {vb: b for vb, b, _t in pool.md.mappings(self.dev_id, pieces[0][0], pieces[-1][0] + 1)}
             runs: list[tuple[int, int, int]] = []
@@ -198,8 +198,7 @@ class ThinVolume:
             serve(runs)
             return True
         finally:
-            for k, e in zip(reversed(keys), reversed(entries), strict=True):
-                pool.locks.release(k, e)
+            pool.locks.release_many(keys, entries)
 
     def _read_mapped(self, vblock: int, within: int, length: int) -> bytes | None:
         """Bytes within one block, or None when they come from the external origin."""
