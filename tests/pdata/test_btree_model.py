@@ -22,10 +22,8 @@ After every commit: ``thin_check`` exits 0 and ``thin_dump`` lists exactly the d
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
 from bisect import bisect_left
@@ -51,7 +49,7 @@ from devmapper.pdata import btree
 from devmapper.pdata.block_manager import BlockManager
 from devmapper.pdata.space_map import DiskSpaceMap, MetadataSpaceMap
 from devmapper.pdata.transaction_manager import TransactionManager
-from helpers.tools import require_tool
+from helpers.tools import require_tool, run_tools
 
 METADATA_BYTES = 16 << 20  # 4096 metadata blocks: room for ~40k keys plus copy-on-write copies
 MAX_MODEL_KEYS = 40_000
@@ -77,20 +75,6 @@ def write_sparse_image(dev: MemoryBlockDevice, path: Path) -> None:
             if data != zero[:n]:
                 f.seek(off)
                 f.write(data)
-
-
-def run_tools(*cmds: list[str]) -> list[subprocess.CompletedProcess[str]]:
-    """Run tools concurrently (each thin_* run spends ~30 ms tearing down its AIO context)."""
-    env = dict(os.environ, LC_ALL="C")
-    procs = [
-        (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-        for cmd in cmds
-    ]
-    out = []
-    for cmd, p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        out.append(subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr))
-    return out
 
 
 def parse_dump(xml_text: str) -> dict[int, dict[int, tuple[int, int]]]:

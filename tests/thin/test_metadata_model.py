@@ -23,9 +23,7 @@ import dataclasses
 import hashlib
 import io
 import itertools
-import os
 import shutil
-import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -53,7 +51,7 @@ from devmapper.thin.dump import dump as our_dump
 from devmapper.thin.metadata import LookupResult, PoolMetadata
 from devmapper.thin.xml import XmlWriter
 from devmapper.units import MAX_DEV_ID
-from helpers.tools import require_tool
+from helpers.tools import require_tool, run_tools
 
 try:  # the independent checker, written by another engineer; optional here
     from devmapper.thin.check import check_metadata
@@ -88,20 +86,6 @@ class State:
 
 
 # -- the real tools -----------------------------------------------------------------------------------
-
-
-def run_tools(*cmds: list[str]) -> list[subprocess.CompletedProcess[str]]:
-    """Run tools concurrently (each thin_* run spends ~30 ms tearing down its AIO context)."""
-    env = dict(os.environ, LC_ALL="C")
-    procs = [
-        (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-        for cmd in cmds
-    ]
-    out = []
-    for cmd, p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        out.append(subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr))
-    return out
 
 
 @dataclasses.dataclass
