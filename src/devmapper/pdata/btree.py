@@ -50,8 +50,6 @@ class ValueType:
         return self.equal(a, b) if self.equal is not None else a == b
 
 
-NO_REFS_8 = ValueType(8)
-
 
 def empty_tree(tm: TransactionManager, vt: ValueType) -> int:
     """A new tree: one empty leaf (``dm_btree_empty``)."""

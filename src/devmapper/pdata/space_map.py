@@ -110,10 +110,6 @@ class SpaceMap:
         elif old > 0 and new == 0:
             self.nr_allocated -= 1
 
-    def set_count(self, b: int, count: int) -> None:
-        self._check_range(b)
-        self._set(b, count, self.get_count(b))
-
     def inc(self, b: int) -> None:
         self._check_range(b)
         old = self.get_count(b)
@@ -128,9 +124,6 @@ class SpaceMap:
 
     def nr_free(self) -> int:
         return self.nr_blocks - self.nr_allocated
-
-    def count_free_now(self, i: int) -> int:
-        return self._page(i).count(0, 0, self._limit(i))
 
     def _limit(self, i: int) -> int:
         return min(E, self.nr_blocks - i * E)

@@ -143,9 +143,6 @@ class TransactionManager:
     def shadow_node(self, b: int) -> tuple[Node, bool]:
         return self.shadow(b, Node.unpack, Node)
 
-    def is_shadowed(self, b: int) -> bool:
-        return b in self._shadows
-
     def inc(self, b: int) -> None:
         self._sm().inc(b)
 
