@@ -22,6 +22,7 @@ APT_PACKAGES=(
     fio
     e2fsprogs
     xfsprogs
+    busybox-static
     python3-venv
     python3-pip
 )
