@@ -74,6 +74,7 @@ def _info_json(manager: DeviceManager, info: Any) -> dict[str, Any]:
     policy, stats = manager.autoextend_of(info.minor)
     out["autoextend"] = None if policy is None else policy.to_json()
     out["autoextend_status"] = None if stats is None or policy is None else stats.describe()
+    out["node"] = manager.node_of(info.minor)
     return out
 
 

@@ -21,8 +21,14 @@ removed; with the deferred-remove flag it is removed when the count drops to zer
 Events: ``event_nr`` counts table events (pool low water, mode changes, autoextend); ``wait_event``
 blocks until it differs from the number the caller saw (``dmsetup wait``).
 
+Reads: besides ``read`` a device offers ``readinto(offset, buf)``, which hands each target its slice
+of the caller's buffer (``Target.readinto``: a thin target reads through ``ThinVolume.readinto``,
+linear and striped ones ``preadv`` from their files, zero fills), so a large NBD read goes from the
+page cache into the server's reply buffer with no intermediate ``bytes``.  A one-target ``read``
+returns the target's own ``bytes`` without copying them.
+
 ``DeviceHandle`` is the ``Export`` an adapter gets: it forwards to the device and holds it open
-until ``close``.
+until ``close``; ``DeviceView`` is the same without counting as an opener.  Both have ``readinto``.
 """
 
 from __future__ import annotations
@@ -268,10 +274,22 @@ class MappedDevice:
     def read(self, offset: int, length: int) -> bytes:
         with self.io():
             table = self._live(offset, length)
+            pieces = list(table.pieces(offset, length))
+            if len(pieces) == 1:
+                target, within, _pos, n = pieces[0]
+                return target.read(within, n)
             out = bytearray(length)
-            for target, within, pos, n in table.pieces(offset, length):
-                out[pos : pos + n] = target.read(within, n)
+            view = memoryview(out)
+            for target, within, pos, n in pieces:
+                target.readinto(within, view[pos : pos + n])
             return bytes(out)
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        """Fill buf with the bytes at offset; each target reads straight into its part of it."""
+        out = memoryview(buf).cast("B")
+        with self.io():
+            for target, within, pos, n in self._live(offset, len(out)).pieces(offset, len(out)):
+                target.readinto(within, out if n == len(out) else out[pos : pos + n])
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -337,6 +355,10 @@ class DeviceHandle:
     def read(self, offset: int, length: int) -> bytes:
         return self._dev().read(offset, length)
 
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        """Fill buf from offset (the NBD server's copy-saving path for large reads)."""
+        self._dev().readinto(offset, buf)
+
     def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         self._dev().write(offset, data, fua)
 
@@ -380,6 +402,10 @@ class DeviceView:
 
     def read(self, offset: int, length: int) -> bytes:
         return self._md.read(offset, length)
+
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
+        """Fill buf from offset (the NBD server's copy-saving path for large reads)."""
+        self._md.readinto(offset, buf)
 
     def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         self._md.write(offset, data, fua)

@@ -165,6 +165,11 @@ class ExportHub:
                 log.error("%s: loop device: %s", md.name, e)
             entry.size = size
 
+    def node(self, minor: int) -> str | None:
+        """The loop device standing for a device (what ``/dev/mapper/NAME`` links to), if it has one."""
+        entry = self._entries.get(minor)
+        return None if entry is None else entry.loop
+
     def busy(self, md: MappedDevice) -> bool:
         entry = self._entries.get(md.minor)
         if entry is None:

@@ -87,6 +87,8 @@ class Stackable(Protocol):
 
     def read(self, offset: int, length: int) -> bytes: ...
 
+    def readinto(self, offset: int, buf: bytearray | memoryview) -> None: ...
+
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None: ...
 
     def flush(self) -> None: ...
@@ -122,6 +124,10 @@ class Lower(Protocol):
     def size(self) -> int: ...
 
     def read(self, offset: int, length: int) -> bytes: ...
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        """Fill out (a writable byte view) from offset: ``read`` without an intermediate ``bytes``."""
+        ...
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
 
@@ -177,6 +183,18 @@ class FileLower(FileBlockDevice):
 
     def is_regular_file(self) -> bool:
         return not self.is_block_device
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        _check_range(self, offset, len(out))
+        done = 0
+        while done < len(out):
+            try:
+                n = os.preadv(self.fileno(), [out[done:]], offset + done)
+            except OSError as e:
+                raise BlockDeviceError(f"{self.label}: read at {offset + done}: {e.strerror}") from e
+            if n <= 0:
+                raise BlockDeviceError(f"{self.label}: short read at {offset + done}")
+            done += n
 
     def write_fua(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         self.write(offset, data)
@@ -268,6 +286,10 @@ class MappedLower:
     def read(self, offset: int, length: int) -> bytes:
         _check_range(self, offset, length)
         return self.md.read(offset, length)
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        _check_range(self, offset, len(out))
+        self.md.readinto(offset, out)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.write_fua(offset, data, False)

@@ -591,6 +591,10 @@ class DeviceManager:
 
         return self._locked(op)
 
+    def node_of(self, minor: int) -> str | None:
+        """The block device node (a loop device over the device's file) users mount, if exports run."""
+        return None if self.exports is None else self.exports.node(minor)
+
     def autoextend_of(self, minor: int) -> tuple[AutoextendPolicy | None, AutoextendStats | None]:
         return self._policies.get(minor), self._stats.get(minor)
 

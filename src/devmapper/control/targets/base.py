@@ -30,9 +30,17 @@ from devmapper.units import SECTOR_SIZE
 if TYPE_CHECKING:
     from devmapper.control.pools import PoolRegistry
 
-__all__ = ["Target", "TargetContext"]
+__all__ = ["Target", "TargetContext", "zero_fill"]
 
 Version = tuple[int, int, int]
+_ZEROS = bytes(1 << 20)
+
+
+def zero_fill(out: memoryview) -> None:
+    """Fill a writable byte view with zeroes (at most 1 MiB of zeroes at a time)."""
+    for pos in range(0, len(out), len(_ZEROS)):
+        n = min(len(_ZEROS), len(out) - pos)
+        out[pos : pos + n] = _ZEROS[:n]
 
 
 class TargetContext:
@@ -110,6 +118,11 @@ class Target:
 
     def read(self, offset: int, length: int) -> bytes:
         raise DmError("EIO", f"{self.type_name}: I/O error")
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        """Fill out (a writable byte view) with the bytes at offset; targets that can read straight
+        into it override this (the default copies what ``read`` returns)."""
+        out[:] = self.read(offset, len(out))
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         raise DmError("EIO", f"{self.type_name}: I/O error")

@@ -42,6 +42,9 @@ class LinearTarget(Target):
     def read(self, offset: int, length: int) -> bytes:
         return self.dev.read(self._base + offset, length)
 
+    def readinto(self, offset: int, out: memoryview) -> None:
+        self.dev.readinto(self._base + offset, out)
+
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self.dev.write_fua(self._base + offset, data, fua)
 

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from devmapper.control.errors import DmError
-from devmapper.control.targets.base import Target, TargetContext
+from devmapper.control.targets.base import Target, TargetContext, zero_fill
 from devmapper.export import Extent
 
 __all__ = ["ErrorTarget", "ZeroTarget"]
@@ -26,6 +26,9 @@ class ZeroTarget(Target):
 
     def read(self, offset: int, length: int) -> bytes:
         return bytes(length)
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        zero_fill(out)
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         pass

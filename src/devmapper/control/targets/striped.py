@@ -59,9 +59,12 @@ class StripedTarget(Target):
 
     def read(self, offset: int, length: int) -> bytes:
         out = bytearray(length)
-        for dev, at, pos, n in self._pieces(offset, length):
-            out[pos : pos + n] = dev.read(at, n)
+        self.readinto(offset, memoryview(out))
         return bytes(out)
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        for dev, at, pos, n in self._pieces(offset, len(out)):
+            dev.readinto(at, out[pos : pos + n])
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         for dev, at, pos, n in self._pieces(offset, len(data)):

@@ -81,6 +81,9 @@ class PoolTarget(Target):
     def read(self, offset: int, length: int) -> bytes:
         return self.data.read(offset, length)
 
+    def readinto(self, offset: int, out: memoryview) -> None:
+        self.data.readinto(offset, out)
+
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self.data.write_fua(offset, data, fua)
 
@@ -180,6 +183,9 @@ class ThinTarget(Target):
 
     def read(self, offset: int, length: int) -> bytes:
         return self._io(lambda: self.volume.read(offset, length))
+
+    def readinto(self, offset: int, out: memoryview) -> None:
+        self._io(lambda: self.volume.readinto(offset, out))
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self._io(lambda: self.volume.write(offset, data, fua))
