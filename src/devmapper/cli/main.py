@@ -15,6 +15,7 @@ from typing import TextIO
 from devmapper import __version__
 from devmapper.cli import daemon as daemon_cmd
 from devmapper.cli import demo as demo_cmd
+from devmapper.cli import layers as layers_cmd
 from devmapper.cli import nbd as nbd_cmd
 from devmapper.cli import thintools as thin_cmd
 from devmapper.errors import DevmapperError
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.register(sub)
     nbd_cmd.register(sub)
     daemon_cmd.register(sub)
+    layers_cmd.register(sub)
     return parser
 
 
