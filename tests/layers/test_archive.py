@@ -28,6 +28,7 @@ IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (chown to other users, mknod, trusted.* xattrs)")
 
 MTIME = 1_600_000_000
+UID, GID = os.geteuid(), os.getegid()  # default owner of entries, so that tests without root can chown
 NS = 1_000_000_000
 
 
@@ -48,8 +49,8 @@ class LayerTar:
         *,
         data: bytes = b"",
         mode: int = 0o644,
-        uid: int = 0,
-        gid: int = 0,
+        uid: int = UID,
+        gid: int = GID,
         mtime: int = MTIME,
         linkname: str = "",
         xattrs: dict[str, bytes] | None = None,
@@ -552,7 +553,7 @@ def test_unsupported_user_xattrs_need_best_effort(rootfs: Path, monkeypatch: pyt
         real_setxattr(path, name, value, *args, **kw)
 
     monkeypatch.setattr(os, "setxattr", no_user_xattrs)
-    layer = LayerTar().file("f", b"f", xattrs={"user.k": b"v", "trusted.k": b"v"}).data()
+    layer = LayerTar().file("f", b"f", xattrs={"user.k": b"v"}).data()
     strict, lenient = rootfs / "strict", rootfs / "lenient"
     strict.mkdir()
     lenient.mkdir()
@@ -714,6 +715,11 @@ def test_names_are_cleaned(rootfs: Path) -> None:
 def test_unsupported_entry_types_are_errors(rootfs: Path) -> None:
     with pytest.raises(ArchiveError, match="unsupported tar entry type"):
         apply(rootfs, LayerTar().raw_type("label", b"V"))
+
+
+def test_missing_rootfs_is_an_archive_error(rootfs: Path) -> None:
+    with pytest.raises(ArchiveError, match="cannot open the root filesystem"):
+        apply(rootfs / "missing", LayerTar().file("f"))
 
 
 def test_filesystem_errors_become_archive_errors(rootfs: Path) -> None:

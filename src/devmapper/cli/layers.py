@@ -51,6 +51,12 @@ def register(sub: Any) -> None:
     def add(name: str, help_: str, fn: Callable[..., int]) -> argparse.ArgumentParser:
         q: argparse.ArgumentParser = cmds.add_parser(name, help=help_, description=help_)
         q.set_defaults(layers_fn=fn)
+        # the global options are accepted after the subcommand too
+        q.add_argument("--root", dest="sub_root", type=Path, default=None, help=argparse.SUPPRESS)
+        q.add_argument("--storage-opt", dest="sub_storage_opt", action="append", default=[],
+                       metavar="dm.KEY=VALUE", help="a Docker devicemapper storage option (repeatable)")
+        q.add_argument("--read-only", dest="sub_read_only", action="store_true", help=argparse.SUPPRESS)
+        q.add_argument("--runtime-dir", dest="sub_runtime_dir", type=Path, default=None, help=argparse.SUPPRESS)
         return q
 
     add("init", "create the pool and the base device (idempotent; saves --storage-opt)", _init)
@@ -143,6 +149,10 @@ def _store(args: argparse.Namespace, *, save_opts: bool = False) -> Iterator[Lay
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    args.root = args.sub_root or args.root
+    args.storage_opt = [*args.storage_opt, *args.sub_storage_opt]
+    args.read_only = args.read_only or args.sub_read_only
+    args.runtime_dir = args.sub_runtime_dir or args.runtime_dir
     fn: Callable[[argparse.Namespace, TextIO, TextIO], int] = args.layers_fn
     return fn(args, out, err)
 

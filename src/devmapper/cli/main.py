@@ -55,6 +55,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         return e.exit_code
     except BrokenPipeError:
         return 1
+    except OSError as e:
+        err.write(f"{parser.prog} {args.command}: {e}\n")
+        return 1
     except KeyboardInterrupt:
         err.write("interrupted\n")
         return 130

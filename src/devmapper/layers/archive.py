@@ -3,9 +3,8 @@
 Theory of operation
 -------------------
 Docker's devicemapper graph driver stores each layer as a thin snapshot of its parent with the
-layer's tar applied on top (``ApplyDiff``), and makes tars back out of two mounted trees
-(``Diff``/``ExportChanges``).  This module is that part, working on plain directories: the caller
-mounts the device and passes its root directory, ``rootfs``.
+layer's tar applied on top (``ApplyDiff``, through the "naive diff" wrapper).  This module does the
+applying, on a plain directory: the caller mounts the device and passes its root, ``rootfs``.
 
 Applying (``apply_layer``) reads an uncompressed tar sequentially and follows the AUFS whiteout
 convention:
@@ -37,7 +36,10 @@ that would climb above ``rootfs`` is refused, absolute name or not.  Every files
 its target relative to a directory descriptor (``dir_fd=``) obtained by opening each component from
 ``rootfs`` down with ``O_NOFOLLOW|O_DIRECTORY``; a component that is a symlink is refused, final
 components are never followed (``O_NOFOLLOW``, ``O_EXCL``, ``follow_symlinks=False``), and trees are
-removed with ``shutil.rmtree(dir_fd=...)``, which does not follow symlinks either.  A symlink entry's
+removed with ``shutil.rmtree(dir_fd=...)``, which does not follow symlinks either.  ``setxattr`` has no
+``dir_fd`` form, so attributes of symlinks, FIFOs and devices are set through the parent descriptor's
+``/proc/self/fd`` link, which names that directory itself (``/proc`` must be mounted, as glibc's
+``fchmodat(AT_SYMLINK_NOFOLLOW)`` needs it too).  A symlink entry's
 target may point anywhere: absolute targets are normal in root filesystems, and they are only ever
 stored, never followed.  Hard-link targets must be relative names inside ``rootfs`` reached without
 symlinks.  Device nodes need ``allow_devices``.  Refusals raise ``UnsafeArchiveError``; changes made
@@ -157,6 +159,7 @@ class _LayerTarInfo(tarfile.TarInfo):
         except _END_OF_ARCHIVE:
             raise
         except tarfile.HeaderError as err:
+            raise err from None
             raise ArchiveError("", f"bad tar stream at byte {tar.offset}: {err}") from err
 
 
@@ -295,7 +298,10 @@ class _Applier:
     def __init__(
         self, rootfs: Path, *, allow_devices: bool, same_owner: bool, best_effort_xattrs: bool, stats: ApplyStats
     ) -> None:
-        self._root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._root_fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise ArchiveError("", f"cannot open the root filesystem {os.fspath(rootfs)!r}: {err.strerror}") from err
         self._allow_devices = allow_devices
         self._same_owner = same_owner
         self._best_effort_xattrs = best_effort_xattrs
@@ -460,7 +466,7 @@ class _Applier:
             if child not in self._added and child not in self._added_parents:
                 _remove_at(dir_fd, name)
                 continue
-            sub = None
+            sub = _open_child_dir(dir_fd, name)
             if sub is not None:
                 try:
                     self._prune(sub, child)

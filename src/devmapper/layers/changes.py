@@ -70,6 +70,21 @@ from devmapper.layers.archive import WHITEOUT_PREFIX, XATTR_PAX_PREFIX, ArchiveE
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
+__all__ = [
+    "Change",
+    "ChangeKind",
+    "Node",
+    "RelPath",
+    "changes",
+    "diff_size",
+    "diff_trees",
+    "same_time",
+    "scan_tree",
+    "sort_key",
+    "write_changes_tar",
+    "write_tree_tar",
+]
+
 _CHUNK = 1 << 20
 _NS = 1_000_000_000
 
@@ -126,7 +141,7 @@ def sort_key(parts: RelPath) -> tuple[bytes, ...]:
     return tuple(os.fsencode(name) for name in parts)
 
 
-def read_xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
+def _read_xattrs(path: str) -> tuple[tuple[str, bytes], ...]:
     """All extended attributes of ``path`` (not following a final symlink), sorted by name."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -148,7 +163,7 @@ def _node(path: str, st: os.stat_result) -> Node:
         mtime_ns=st.st_mtime_ns,
         rdev=st.st_rdev,
         link=os.readlink(path) if fmt == stat.S_IFLNK else None,
-        xattrs=read_xattrs(path),
+        xattrs=_read_xattrs(path),
         dev=st.st_dev,
         ino=st.st_ino,
         nlink=st.st_nlink,
@@ -181,7 +196,7 @@ def same_time(a_ns: int, b_ns: int) -> bool:
     return a_ns // _NS == b_ns // _NS and (a_ns % _NS == 0 or b_ns % _NS == 0)
 
 
-def metadata_differs(old: Node, new: Node) -> bool:
+def _metadata_differs(old: Node, new: Node) -> bool:
     """True if the two entries differ in anything but contents and hard-link grouping."""
     if (old.fmt, old.mode, old.uid, old.gid, old.xattrs) != (new.fmt, new.mode, new.uid, new.gid, new.xattrs):
         return True
@@ -195,7 +210,7 @@ def metadata_differs(old: Node, new: Node) -> bool:
     )
 
 
-def same_content(old_path: str, new_path: str) -> bool:
+def _same_content(old_path: str, new_path: str) -> bool:
     """Compare two regular files byte by byte (neither final component may be a symlink)."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
     with open(os.open(old_path, flags), "rb") as a, open(os.open(new_path, flags), "rb") as b:
@@ -207,7 +222,7 @@ def same_content(old_path: str, new_path: str) -> bool:
                 return True
 
 
-def link_groups(tree: Mapping[RelPath, Node]) -> dict[RelPath, frozenset[RelPath]]:
+def _link_groups(tree: Mapping[RelPath, Node]) -> dict[RelPath, frozenset[RelPath]]:
     """For every non-directory with more than one name in ``tree``: all its names there."""
     by_inode: dict[tuple[int, int], list[RelPath]] = {}
     for parts, node in tree.items():
@@ -238,7 +253,7 @@ class _Side:
 
 def _modified(parts: RelPath, old: _Side, new: _Side, compare_content: bool) -> bool:
     before, after = old.tree[parts], new.tree[parts]
-    if metadata_differs(before, after):
+    if _metadata_differs(before, after):
         return True
     if after.is_dir:
         return False
@@ -248,7 +263,7 @@ def _modified(parts: RelPath, old: _Side, new: _Side, compare_content: bool) -> 
         compare_content
         and after.fmt == stat.S_IFREG
         and (before.ino, before.ctime_ns) != (after.ino, after.ctime_ns)
-        and not same_content(old.path(parts), new.path(parts))
+        and not _same_content(old.path(parts), new.path(parts))
     )
 
 
@@ -266,8 +281,8 @@ def diff_trees(
     compare_content: bool = True,
 ) -> list[tuple[RelPath, ChangeKind]]:
     """The changes from ``old_tree`` to ``new_tree`` (both from ``scan_tree``), in ``sort_key`` order."""
-    old = _Side(os.fspath(old_root or ""), old_tree, link_groups(old_tree))
-    new = _Side(os.fspath(new_root), new_tree, link_groups(new_tree))
+    old = _Side(os.fspath(old_root or ""), old_tree, _link_groups(old_tree))
+    new = _Side(os.fspath(new_root), new_tree, _link_groups(new_tree))
     found: list[tuple[RelPath, ChangeKind]] = []
     for parts in new_tree:
         if parts not in old_tree:
@@ -281,7 +296,7 @@ def diff_trees(
     return found
 
 
-def with_parents(found: Iterable[tuple[RelPath, ChangeKind]]) -> list[tuple[RelPath, ChangeKind]]:
+def _with_parents(found: Iterable[tuple[RelPath, ChangeKind]]) -> list[tuple[RelPath, ChangeKind]]:
     """Add every parent directory of a change (but not the root) as ``C``, as Docker's list does."""
     listed = dict(found)
     for parts in list(listed):
@@ -301,8 +316,23 @@ def changes(
     old_tree = scan_tree(old) if old is not None else {}
     found = diff_trees(old, old_tree, new, scan_tree(new), compare_content=compare_content)
     if include_parents:
-        found = with_parents(found)
+        found = _with_parents(found)
     return [Change("/" + "/".join(parts), kind) for parts, kind in found]
+
+
+def diff_size(old: Path | None, new: Path) -> int:
+    """Docker's ``DiffSize``: bytes of the added and changed non-directories of ``new``, each inode once."""
+    old_tree = scan_tree(old) if old is not None else {}
+    new_tree = scan_tree(new)
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for parts, kind in diff_trees(old, old_tree, new, new_tree):
+        node = new_tree.get(parts)
+        if kind is ChangeKind.DELETE or node is None or node.is_dir or (node.dev, node.ino) in seen:
+            continue
+        seen.add((node.dev, node.ino))
+        total += node.size
+    return total
 
 
 class _CountingWriter(io.RawIOBase):

@@ -567,7 +567,7 @@ class DeviceSet:
             self.meta.save(info)
             self.dm.reload(self.name_of(hash_), self._thin_table(info))
             try:
-                fs.grow(self.base_fs, self.activate(hash_), self.mnt / hash_, [])
+                fs.grow(self.base_fs, self.activate(hash_), self.mount_point(hash_), [])
             except fs.FsError as e:
                 raise DeviceSetError(f"the device is now {human_size(size)} but its mounted filesystem could not "
                                      f"be grown online ({e}); unmount it and grow again") from e
@@ -647,10 +647,14 @@ class DeviceSet:
     def mountopts(self) -> list[str]:
         return [o for opt in self.options.mountopt for o in opt.split(",") if o]
 
+    def mount_point(self, hash_: str) -> Path:
+        """``mnt/<id>`` (``mnt/base`` for the base device, which Docker itself never mounted)."""
+        return self.mnt / (hash_ or "base")
+
     def mount(self, hash_: str) -> Path:
         """Docker's Get: mount ``mnt/<id>`` (reference-counted); the device's ``rootfs`` directory."""
         with self._mutex:
-            where = self.mnt / hash_
+            where = self.mount_point(hash_)
             rootfs = where / "rootfs"
             if self._refs.get(hash_, 0) > 0 and fs.is_mountpoint(where):
                 self._refs[hash_] += 1
@@ -691,7 +695,7 @@ class DeviceSet:
                 self._refs[hash_] = count - 1
                 self._save_refs()
                 return False
-            where = self.mnt / hash_
+            where = self.mount_point(hash_)
             if fs.is_mountpoint(where):
                 fs.umount(where, lazy=True)
             with contextlib.suppress(OSError):

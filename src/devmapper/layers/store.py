@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import secrets
+import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -301,7 +302,8 @@ class LayerStore:
                              self.devices.info(rec.mount_id).size, self.devices.mounted(rec.mount_id))
 
     def _mount_record(self, cid: str) -> MountRecord:
-        rec = self.db.mount(cid)
+        full = len(cid) == 64 and all(c in "0123456789abcdef" for c in cid)
+        rec = self.db.mount(cid) if full else None
         if rec is None:
             matches = [m for m in self.db.mounts() if m.container_id.startswith(cid)] if len(cid) >= 4 else []
             if len(matches) != 1:
@@ -348,6 +350,10 @@ class LayerStore:
     def export_device(self, hash_: str, out: BinaryIO) -> int:
         """Any device's ``rootfs`` as a tar (rescue of an old Docker directory works read-only)."""
         with self._mounted(hash_) as rootfs:
+            if not rootfs.is_dir():  # never used as a layer (the base device): an empty tree
+                with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT):
+                    pass
+                return 0
             return write_tree_tar(rootfs, out)
 
     def commit_container(self, cid: str, tag: str | None = None) -> str:
