@@ -160,3 +160,17 @@ def test_per_device_size_grows_its_filesystem(stack: Stack) -> None:
         ds.unmount(HEX)
         with pytest.raises(DeviceSetError, match="cannot shrink"):
             ds.grow_device(HEX, 1 << 30)
+
+
+def test_xfs_base_and_two_snapshots_mounted_at_once(stack: Stack) -> None:
+    with stack.store("dm.fs=xfs", "dm.basesize=512M") as store:
+        ds = store.devices
+        assert ds.base_fs == "xfs"
+        ds.add_device(HEX, "")
+        ds.add_device("b" * 64, "")
+        one, two = ds.mount(HEX), ds.mount("b" * 64)  # same filesystem UUID: mounted with nouuid
+        (one / "f").write_text("one")
+        assert not (two / "f").exists()
+        assert ds.exists(HEX) and not ds.exists("c" * 64)
+        ds.unmount(HEX)
+        ds.unmount("b" * 64)

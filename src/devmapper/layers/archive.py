@@ -159,7 +159,6 @@ class _LayerTarInfo(tarfile.TarInfo):
         except _END_OF_ARCHIVE:
             raise
         except tarfile.HeaderError as err:
-            raise err from None
             raise ArchiveError("", f"bad tar stream at byte {tar.offset}: {err}") from err
 
 

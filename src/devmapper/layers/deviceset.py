@@ -422,6 +422,10 @@ class DeviceSet:
     def name_of(self, hash_: str) -> str:
         return device_name(self.prefix, hash_)
 
+    def exists(self, hash_: str) -> bool:
+        """Docker's Exists: the device is known, even when marked for deferred deletion."""
+        return hash_ in self.devices
+
     def info(self, hash_: str) -> DevInfo:
         info = self.devices.get(hash_)
         if info is None:
