@@ -425,7 +425,7 @@ def _write_tar(root: Path, tree: dict[RelPath, Node], plan: list[tuple[RelPath, 
             info = _tarinfo(name, node)
             inode = (node.dev, node.ino)
             if not node.is_dir and node.nlink > 1:
-                if False:
+                if inode in first_names:
                     info.type, info.linkname, info.size = tarfile.LNKTYPE, first_names[inode], 0
                     tar.addfile(info)
                     continue

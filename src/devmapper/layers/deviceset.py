@@ -272,6 +272,10 @@ class DeviceSet:
     def _commit_pool(self) -> None:
         self.dm.status(self.pool)  # a status without noflush commits the pool's metadata
 
+    def commit(self) -> None:
+        """Make everything written so far durable in the pool (mappings included)."""
+        self._commit_pool()
+
     def _load_config(self) -> None:
         """Pool parameters recorded at creation, checked at every open (moby#6939)."""
         path = self.home / CONFIG_FILE

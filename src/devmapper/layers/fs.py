@@ -13,6 +13,8 @@ sandboxes; when the online resize is refused we unmount, ``e2fsck -f -p`` and re
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import subprocess
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from devmapper.errors import DevmapperError
 
-__all__ = ["FsError", "grow", "mkfs", "mount", "probe", "umount"]
+__all__ = ["FsError", "grow", "mkfs", "mount", "probe", "syncfs", "umount"]
 
 SUPPORTED = ("ext4", "xfs")
 
@@ -38,6 +40,20 @@ def _run(*argv: str, ok: tuple[int, ...] = (0,)) -> str:
         detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-3:]
         raise FsError(f"{' '.join(argv)} failed (exit {proc.returncode}): {' / '.join(detail)}")
     return proc.stdout
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def syncfs(path: Path) -> None:
+    """Write back one filesystem (``syncfs(2)``), not every filesystem on the host as ``sync`` does."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def mkfs(fs: str, device: str, extra: list[str]) -> None:

@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import secrets
 import tarfile
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from devmapper.errors import DevmapperError
+from devmapper.layers import fs
 from devmapper.layers.archive import apply_layer
 from devmapper.layers.changes import write_changes_tar, write_tree_tar
 from devmapper.layers.deviceset import DeviceSet, Reconciliation
@@ -164,10 +164,11 @@ class LayerStore:
                 verify = getattr(stream, "verify", None)
                 if verify is not None:
                     verify()
-                os.sync()
+                fs.syncfs(rootfs)  # the layer is on the device before its record says it exists
             finally:
                 self.devices.unmount(cache_id)
-            record = LayerRecord(chain, diff_id, parent, cache_id, stats.tar_bytes)
+            self.devices.commit()
+            record = LayerRecord(chain, diff_id, parent, cache_id, stats.content_bytes)
             self.db.commit_layer(record)
         except BaseException:
             self._undo(cache_id)
@@ -291,7 +292,7 @@ class LayerStore:
             mtab = rootfs / "etc/mtab"
             if not mtab.exists() and not mtab.is_symlink():
                 mtab.symlink_to("/proc/mounts")
-            os.sync()
+            fs.syncfs(rootfs)
         finally:
             self.devices.unmount(init_id)
 
