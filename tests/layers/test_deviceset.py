@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -163,12 +164,15 @@ def test_per_device_size_grows_its_filesystem(stack: Stack) -> None:
 
 
 def test_xfs_base_and_two_snapshots_mounted_at_once(stack: Stack) -> None:
-    with stack.store("dm.fs=xfs", "dm.basesize=512M") as store:
+    with stack.store("dm.fs=xfs", "dm.basesize=512M", "dm.xfs_nospace_max_retries=0") as store:
         ds = store.devices
         assert ds.base_fs == "xfs"
         ds.add_device(HEX, "")
         ds.add_device("b" * 64, "")
         one, two = ds.mount(HEX), ds.mount("b" * 64)  # same filesystem UUID: mounted with nouuid
+        node = ds.dm.info(ds.name_of(HEX)).node  # type: ignore[union-attr]
+        knob = Path("/sys/fs/xfs") / Path(node).name / "error/metadata/ENOSPC/max_retries"  # type: ignore[arg-type]
+        assert knob.read_text().strip() == "0"
         (one / "f").write_text("one")
         assert not (two / "f").exists()
         assert ds.exists(HEX) and not ds.exists("c" * 64)

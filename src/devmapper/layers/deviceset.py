@@ -680,6 +680,8 @@ class DeviceSet:
             except fs.FsError:
                 self._quiet_deactivate(hash_)
                 raise
+            if kind == "xfs" and self.options.xfs_nospace_max_retries is not None:
+                self._xfs_nospace(node, where, hash_)
             if not self.read_only:
                 try:
                     if not rootfs.exists():
@@ -694,6 +696,16 @@ class DeviceSet:
             self._refs[hash_] = 1
             self._save_refs()
             return rootfs
+
+    def _xfs_nospace(self, node: str, where: Path, hash_: str) -> None:
+        """``dm.xfs_nospace_max_retries``: let xfs give up on ENOSPC instead of retrying forever."""
+        knob = Path("/sys/fs/xfs") / Path(os.path.realpath(node)).name / "error/metadata/ENOSPC/max_retries"
+        try:
+            knob.write_text(f"{self.options.xfs_nospace_max_retries}\n")
+        except OSError as e:
+            fs.umount(where, lazy=True)
+            self._quiet_deactivate(hash_)
+            raise DeviceSetError(f"cannot set {knob}: {e.strerror}") from e
 
     def unmount(self, hash_: str, *, force: bool = False) -> bool:
         """Docker's Put: drop one reference; at zero unmount (lazily) and deactivate.  True if unmounted."""
