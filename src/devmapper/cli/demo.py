@@ -5,6 +5,8 @@ data and metadata files, a thin pool with 64 KiB blocks and skip_block_zeroing, 
 1 GiB thin volume written with a "base image", a snapshot (``create_snap 1 0``) written through copy-on-write,
 a snapshot of the snapshot, isolation checks both ways, ``thin_ls``-style usage, the pool status, a
 grow of a volume by loading a bigger table, and finally our metadata check and the real ``thin_check``.
+Then, as root with FUSE, the Docker part (``demo_docker``): an image loaded as snapshots of a base
+device and two containers sharing its blocks, with ``docker info``'s block (``--no-docker`` skips it).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 from typing import Any, TextIO
 
 from devmapper.blockdev.file import FileBlockDevice
+from devmapper.cli import demo_docker
 from devmapper.thin import ls
 from devmapper.thin.check import check_metadata
 from devmapper.thin.pool import Pool
@@ -63,7 +67,7 @@ def _allocated(path: str) -> str:
     return f"{st.st_size / GiB:.2f} GiB apparent, {st.st_blocks * 512 / MiB:.1f} MiB allocated"
 
 
-def run_demo(workdir: str, out: TextIO) -> int:
+def run_demo(workdir: str, out: TextIO, docker: bool = True) -> int:
     say = _Narrator(out)
     data, meta = os.path.join(workdir, "data.img"), os.path.join(workdir, "meta.data.img")
 
@@ -98,7 +102,17 @@ def run_demo(workdir: str, out: TextIO) -> int:
             assert hashlib.sha256(v1.read(0, 64 * MiB)).hexdigest() == snap1_digest
         say.say("base and snapshot contents verified after reopen")
 
-    return _checks(meta, say)
+    rc = _checks(meta, say)
+    if not docker:
+        return rc
+    why = demo_docker.unavailable()
+    if why is not None:
+        say("Docker's devicemapper storage (images and containers as snapshots)")
+        say.say(f"skipped: {why}")
+        return rc
+    docker_dir = Path(workdir) / "docker-demo"
+    docker_dir.mkdir(exist_ok=True)
+    return demo_docker.run_docker_demo(docker_dir, say) or rc
 
 
 def _volumes(pool: Pool, say: _Narrator) -> tuple[str, str]:
@@ -165,13 +179,15 @@ def _checks(meta: str, say: _Narrator) -> int:
 def _handler(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
-        return run_demo(args.dir, out)
+        return run_demo(args.dir, out, not args.no_docker)
     with tempfile.TemporaryDirectory(prefix="devmapper-demo-") as workdir:
-        return run_demo(workdir, out)
+        return run_demo(workdir, out, not args.no_docker)
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the seed walkthrough (pool, thin volume, snapshots) on sparse files",
                        description=__doc__)
     p.add_argument("--dir", help="keep the files here instead of a temporary directory")
+    p.add_argument("--no-docker", action="store_true",
+                   help="skip the Docker part (images and containers; needs root, FUSE and busybox)")
     p.set_defaults(handler=_handler)
