@@ -52,6 +52,7 @@ from devmapper.layers.dockermeta import (
     device_prefix,
     pool_name,
 )
+from devmapper.layers.files import replace_file
 from devmapper.layers.options import DmOptions, human_size
 from devmapper.thin import ls
 
@@ -475,18 +476,14 @@ class DeviceSet:
         if pct == 0:
             return
         u = self.pool_usage()
-        min_data = max(u.total_data * pct // 100, 1)
-        if u.total_data - u.used_data < min_data:
-            raise DeviceSetError(
-                f"Thin Pool has {u.total_data - u.used_data} free data blocks which is less than minimum required "
-                f"{min_data} free data blocks. Create more free space in thin pool or use dm.min_free_space "
-                "option to change behavior")
-        min_meta = max(u.total_meta * pct // 100, 1)
-        if u.total_meta - u.used_meta < min_meta:
-            raise DeviceSetError(
-                f"Thin Pool has {u.total_meta - u.used_meta} free metadata blocks which is less than minimum "
-                f"required {min_meta} free metadata blocks. Create more free metadata space in thin pool or use "
-                "dm.min_free_space option to change behavior")
+        for kind, used, total, advice in (("data", u.used_data, u.total_data, "free space"),
+                                          ("metadata", u.used_meta, u.total_meta, "free metadata space")):
+            minimum = max(total * pct // 100, 1)
+            if total - used < minimum:
+                raise DeviceSetError(
+                    f"Thin Pool has {total - used} free {kind} blocks which is less than minimum required "
+                    f"{minimum} free {kind} blocks. Create more {advice} in thin pool or use dm.min_free_space "
+                    "option to change behavior")
 
     def add_device(self, hash_: str, base_hash: str, size: int | None = None) -> DevInfo:
         """Docker's AddDevice: a snapshot of ``base_hash`` ("" = the base device), optionally bigger."""
@@ -831,12 +828,7 @@ def _blkid_uuid(node: str) -> str:
 
 
 def _write_json(path: Path, value: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(value).encode())
 
 
 def _write_private(path: Path, text: str) -> None:

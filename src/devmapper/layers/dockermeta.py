@@ -32,20 +32,19 @@ can be handed out too (Docker did the same; the kernel accepts it).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
 from devmapper.errors import DeviceError, DevmapperError, ReadOnlyError
+from devmapper.layers.files import fsync_dir, replace_file
 from devmapper.units import MAX_DEV_ID
 
 log = logging.getLogger(__name__)
@@ -464,20 +463,9 @@ class MetadataDir:
         target = self.path / name
         try:
             self._ensure_dir()
-            fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=self.path)
+            replace_file(target, data, 0o600, tmp_prefix=_TEMP_PREFIX)
         except OSError as e:
-            raise MetadataFileError(f"{target}: cannot create a temporary file ({e.strerror})") from e
-        try:
-            with open(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise MetadataFileError(f"{target}: cannot write ({e.strerror})") from e
-        self._fsync_dir()
 
     def _unlink(self, name: str) -> None:
         self._check_writable(f"remove {name}")
@@ -493,21 +481,13 @@ class MetadataDir:
     def _ensure_dir(self) -> None:
         if not self.path.is_dir():
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _fsync_directory(self.home)
+            fsync_dir(self.home)
 
     def _fsync_dir(self) -> None:
         try:
-            _fsync_directory(self.path)
+            fsync_dir(self.path)
         except OSError as e:
             raise MetadataFileError(f"{self.path}: cannot fsync the directory ({e.strerror})") from e
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- device ids ----------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devmapper.errors import DevmapperError, ReadOnlyError
+from devmapper.layers.files import fsync_dir, replace_file, write_fsynced
 from devmapper.layers.image import chain_id, config_diff_ids, familiar_reference, is_digest
 
 log = logging.getLogger(__name__)
@@ -120,38 +121,8 @@ def _hex_of(digest: str) -> str:
 # -- durable file operations --------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_fsynced(path: Path, data: bytes, mode: int, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` and fsync the file (not its directory)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _replace_file(path: Path, data: bytes, mode: int) -> None:
-    """Atomically replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{secrets.token_hex(8)}")
-    try:
-        _write_fsynced(tmp, data, mode, exclusive=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    replace_file(path, data, mode, tmp_prefix=f".{path.name}{_TMP_MARK}")
 
 
 def _read_text(path: Path) -> str | None:
@@ -227,8 +198,8 @@ class ImageDb:
         """Remove a record directory: rename it into tmp/ (atomic), fsync, then delete it."""
         doomed = self._tmp_dir / f"{_REMOVING_PREFIX}{path.name}-{secrets.token_hex(8)}"
         os.rename(path, doomed)
-        _fsync_dir(path.parent)
-        _fsync_dir(self._tmp_dir)
+        fsync_dir(path.parent)
+        fsync_dir(self._tmp_dir)
         shutil.rmtree(doomed)
 
     # -- layers -------------------------------------------------------------------------------------
@@ -288,9 +259,9 @@ class ImageDb:
             write_set.mkdir(mode=0o700)
         except FileExistsError:
             raise ImageDbError(f"cache id {cache_id} already has a registration in progress ({write_set})") from None
-        _write_fsynced(write_set / CACHE_ID_FILE, cache_id.encode(), 0o644, exclusive=True)
-        _fsync_dir(write_set)
-        _fsync_dir(self._tmp_dir)
+        write_fsynced(write_set / CACHE_ID_FILE, cache_id.encode(), 0o644, exclusive=True)
+        fsync_dir(write_set)
+        fsync_dir(self._tmp_dir)
         return write_set
 
     def commit_layer(self, rec: LayerRecord) -> None:
@@ -309,14 +280,14 @@ class ImageDb:
             self.begin_layer(rec.cache_id)
         elif _read_text(write_set / CACHE_ID_FILE) != rec.cache_id:
             raise ImageDbError(f"{write_set}: {CACHE_ID_FILE} does not hold {rec.cache_id}")
-        _write_fsynced(write_set / DIFF_FILE, rec.diff_id.encode(), 0o644)
-        _write_fsynced(write_set / SIZE_FILE, str(rec.size).encode(), 0o644)
+        write_fsynced(write_set / DIFF_FILE, rec.diff_id.encode(), 0o644)
+        write_fsynced(write_set / SIZE_FILE, str(rec.size).encode(), 0o644)
         if rec.parent is not None:
-            _write_fsynced(write_set / PARENT_FILE, rec.parent.encode(), 0o644)
-        _fsync_dir(write_set)
+            write_fsynced(write_set / PARENT_FILE, rec.parent.encode(), 0o644)
+        fsync_dir(write_set)
         os.rename(write_set, final)
-        _fsync_dir(self._tmp_dir)
-        _fsync_dir(self._layers_dir)
+        fsync_dir(self._tmp_dir)
+        fsync_dir(self._layers_dir)
 
     def _check_layer_record(self, rec: LayerRecord) -> None:
         _check_digest(rec.chain_id, "chain id")
@@ -366,7 +337,7 @@ class ImageDb:
         _check_hex(cache_id, "cache id")
         for write_set in self._write_sets().get(cache_id, []):
             shutil.rmtree(write_set)
-        _fsync_dir(self._tmp_dir)
+        fsync_dir(self._tmp_dir)
 
     def remove_layer(self, chain_id: str) -> None:
         """Remove a layer record (not its device); refused while child layers or containers use it.
@@ -410,7 +381,7 @@ class ImageDb:
         if parent is not None:
             _replace_file(metadata / PARENT_FILE, parent.encode(), 0o600)
         _replace_file(metadata / LAST_UPDATED_FILE, _now_rfc3339().encode(), 0o600)
-        _fsync_dir(self._metadata_dir)
+        fsync_dir(self._metadata_dir)
         return image_id
 
     def image_config(self, image_id: str) -> bytes | None:
@@ -459,7 +430,7 @@ class ImageDb:
             self._discard(metadata)
         with contextlib.suppress(FileNotFoundError):
             content.unlink()
-            _fsync_dir(self._content_dir)
+            fsync_dir(self._content_dir)
 
     # -- references ---------------------------------------------------------------------------------
 
@@ -542,18 +513,18 @@ class ImageDb:
         staging = self._tmp_dir / f"{_MOUNT_SET_PREFIX}{rec.container_id}-{secrets.token_hex(8)}"
         staging.mkdir(mode=0o755)
         try:
-            _write_fsynced(staging / MOUNT_ID_FILE, rec.mount_id.encode(), 0o644, exclusive=True)
+            write_fsynced(staging / MOUNT_ID_FILE, rec.mount_id.encode(), 0o644, exclusive=True)
             if rec.init_id is not None:
-                _write_fsynced(staging / INIT_ID_FILE, rec.init_id.encode(), 0o644, exclusive=True)
+                write_fsynced(staging / INIT_ID_FILE, rec.init_id.encode(), 0o644, exclusive=True)
             if rec.parent is not None:
-                _write_fsynced(staging / PARENT_FILE, rec.parent.encode(), 0o644, exclusive=True)
-            _fsync_dir(staging)
+                write_fsynced(staging / PARENT_FILE, rec.parent.encode(), 0o644, exclusive=True)
+            fsync_dir(staging)
             os.rename(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _fsync_dir(self._tmp_dir)
-        _fsync_dir(self._mounts_dir)
+        fsync_dir(self._tmp_dir)
+        fsync_dir(self._mounts_dir)
 
     def mount(self, container_id: str) -> MountRecord | None:
         """Return the mount record of ``container_id``, None if there is none; ImageDbError if damaged."""
