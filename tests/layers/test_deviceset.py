@@ -178,3 +178,29 @@ def test_xfs_base_and_two_snapshots_mounted_at_once(stack: Stack) -> None:
         assert ds.exists(HEX) and not ds.exists("c" * 64)
         ds.unmount(HEX)
         ds.unmount("b" * 64)
+
+
+def test_thinpooldev_adopts_an_empty_pool_and_leaves_it_up(stack: Stack) -> None:
+    data, meta = stack.tmp / "pool-data", stack.tmp / "pool-meta"
+    for path, size in ((data, 1 << 30), (meta, 16 << 20)):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    dm = stack.dm()
+    dm.create("mypool", [(0, (1 << 30) // 512, "thin-pool", f"{meta} {data} 128 32768 1 skip_block_zeroing")])
+    dm.message("mypool", "create_thin 5")
+    dm.message("mypool", "delete 5")
+    dm.message("mypool", "set_transaction_id 0 3")
+    with pytest.raises(DeviceSetError, match="non-zero transaction ID"):
+        stack.store("dm.thinpooldev=/dev/mapper/mypool")
+    dm.message("mypool", "set_transaction_id 3 0")
+    with stack.store("dm.thinpooldev=/dev/mapper/mypool") as store:
+        ds = store.devices
+        assert ds.pool == "mypool"
+        assert not ds.options.blkdiscard  # off by default with a pool of one's own
+        ds.add_device(HEX, "")
+        ds.shutdown()
+    assert dm.exists("mypool")  # not ours to remove
+    with stack.store("dm.thinpooldev=mypool") as store:
+        assert HEX in store.devices.devices
+    with pytest.raises(DeviceSetError, match="does not exist"):
+        stack.store("dm.thinpooldev=nosuchpool", root=stack.tmp / "other")

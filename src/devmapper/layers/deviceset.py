@@ -131,6 +131,7 @@ class DeviceSet:
         self.base_fs = options.fs
         self.base_uuid = ""
         self._lock_fd: int | None = None
+        self._opened = False
         self._mutex = threading.RLock()
         self._refs: dict[str, int] = {}
         self._owns_pool = False
@@ -147,21 +148,30 @@ class DeviceSet:
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
             (self.home / "metadata").mkdir(mode=0o700, exist_ok=True)
             self._take_lock()
-        self.prefix = device_prefix(self.home)
-        self.pool = self.options.thinpooldev or pool_name(self.prefix)
-        fresh = self._setup_pool(create)
-        self._load_config()
-        self.meta_load(fresh)
-        if not self.read_only:
-            self._refs = self._load_refs()
-            if create:
-                self._setup_base()
-            self.process_deleted()
+        try:
+            self.prefix = device_prefix(self.home)
+            self.pool = self.options.thinpooldev or pool_name(self.prefix)
+            fresh = self._setup_pool(create)
+            self._load_config()
+            self.meta_load(fresh)
+            if not self.read_only:
+                self._refs = self._load_refs()
+                if create:
+                    self._setup_base()
+                self.process_deleted()
+        except BaseException:
+            self._release_lock()
+            raise
+        self._opened = True
 
     def close(self) -> None:
         """Save ``deviceset-metadata`` (as Docker's Shutdown does) and release the home."""
-        if not self.read_only and self._lock_fd is not None:
+        if not self.read_only and self._opened:
             self._save_deviceset()
+        self._opened = False
+        self._release_lock()
+
+    def _release_lock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -104,7 +104,11 @@ class LayerStore:
     def open(self) -> LayerStore:
         self.devices.open(create=not self.read_only)
         if not self.read_only:
-            self._recover()
+            try:
+                self._recover()
+            except BaseException:
+                self.devices.close()
+                raise
         return self
 
     def close(self) -> None:
