@@ -30,7 +30,11 @@ request waits outside Python (fsync) while others could proceed.
 
 Buffers: WRITE payloads and large READ replies (>= 64 KiB) use a per-connection pool of
 bytearrays (allocating and faulting in 1 MiB costs about as much as copying it); reads use the
-export's optional ``readinto(offset, buf)`` when it has one, else ``read``.
+export's optional ``readinto(offset, buf)`` when it has one, else ``read``.  Either way the reply
+header and the data leave in one ``sendmsg`` with no copy in Python.  Unix connections get a send
+buffer of ``UNIX_SEND_BUFFER`` (as far as ``net.core.wmem_max`` allows): with the default ~200 KiB
+a 1 MiB reply is handed over in five steps, each waiting for the client to drain the socket
+(a cross-CPU wakeup), and sequential 1 MiB reads were ~10% slower.
 
 Semantics that are ours, not the core's: TRIM is advisory, so an export that cannot discard
 (``ENOTSUP``) still gets success; WRITE_ZEROES with FAST_ZERO is refused with ENOTSUP only when
@@ -64,6 +68,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ExportRegistry", "NbdServer"]
 
 IOV_MAX = 1024
+UNIX_SEND_BUFFER = 2 << 20  # SO_SNDBUF of unix connections (the kernel doubles it, capped by wmem_max)
 _READ, _WRITE, _FLUSH, _TRIM, _CACHE, _ZEROES, _BLOCK_STATUS = 0, 1, 3, 4, 5, 6, 7
 _FUA, _NO_HOLE, _REQ_ONE, _FAST_ZERO = 1, 2, 8, 16
 _ENOTSUP, _EIO, _EINVAL = int(p.Errno.ENOTSUP), int(p.Errno.EIO), int(p.Errno.EINVAL)
@@ -124,6 +129,15 @@ def _sendv(sock: socket.socket, bufs: Buffers) -> None:
                 bufs = [memoryview(b)[sent:], *batch[i + 1 :], *bufs]
                 break
             sent -= len(b)
+
+
+def _grow_send_buffer(sock: socket.socket) -> None:
+    """Let a unix socket take a whole large reply at once (see "Buffers" in the module docstring)."""
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < 2 * UNIX_SEND_BUFFER:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
+    except OSError:
+        pass  # only a performance hint
 
 
 def _listening(path: str) -> bool:
@@ -233,6 +247,8 @@ class NbdServer:
                 return  # listener shut down
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                _grow_send_buffer(sock)
             conn = _Connection(self, sock)
             with self._lock:
                 if self._closing:

@@ -107,6 +107,37 @@ def iterate(tm: TransactionManager, root: int, begin: int = 0, end: int | None =
         yield from iterate(tm, node.values[j], begin, end)
 
 
+def lookup_range(tm: TransactionManager, root: int, begin: int, end: int) -> tuple[list[int], list[int]]:
+    """The keys in [begin, end) and their values, as two lists in ascending key order.
+
+    ``iterate`` for hot paths: one descent, then whole slices of each leaf (no per-key generator
+    steps), so a range within one leaf costs a few node visits and two list slices.
+    """
+    keys: list[int] = []
+    values: list[int] = []
+    _collect_range(tm, root, begin, end, keys, values)
+    return keys, values
+
+
+def _collect_range(tm: TransactionManager, b: int, begin: int, end: int, keys: list[int], values: list[int]) -> None:
+    node = tm.read_node(b)
+    while not node.is_leaf:
+        lo = max(bisect_right(node.keys, begin) - 1, 0)
+        hi = bisect_left(node.keys, end, lo + 1)  # children lo..hi-1 may hold keys below end
+        if hi - lo > 1:
+            for child in node.values[lo:hi]:
+                _collect_range(tm, child, begin, end, keys, values)
+            return
+        if node.keys[lo] >= end:  # only when begin is below the first key
+            return
+        node = tm.read_node(node.values[lo])
+    lo = bisect_left(node.keys, begin)
+    hi = bisect_left(node.keys, end, lo)
+    if lo < hi:
+        keys += node.keys[lo:hi]
+        values += node.values[lo:hi]
+
+
 def iterate_leaves(tm: TransactionManager, root: int) -> Iterator[Node]:
     """Every leaf in key order."""
     node = tm.read_node(root)

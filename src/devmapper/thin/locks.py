@@ -17,8 +17,11 @@ many threads, so it needs the same two guarantees as explicit locks:
   of snapshots starves the other.  Never take it twice in one thread.
 
 * ``BlockLocks`` -- one mutex per (thin id, virtual block) in use, created on demand and dropped
-  when its last user leaves.  Reads and writes of a block hold it across lookup and data I/O, so two
-  writers provision an unmapped block once, and a block cannot be unmapped and freed under a read.
+  when its last user leaves.  Writes (and discards, write-zeroes) of a block hold it across lookup
+  and data I/O, so two writers provision an unmapped block once and a block's mapping changes one
+  step at a time.  Reads normally take none: they validate with the metadata's epoch instead
+  (``volume.py``), and only a read that raced with a block becoming reallocatable is redone under
+  the locks of its blocks, which keep those blocks mapped, hence unfreed, until it is done.
   Holders of several keys take them in ascending order; everybody else holds at most one key, so
   the table cannot deadlock.
 

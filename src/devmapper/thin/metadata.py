@@ -22,6 +22,18 @@ commit the metadata space map; write every dirty block and flush; write the supe
 Nothing is ever written into a block the committed superblock can reach, so a crash at any point
 leaves the previous transaction intact.
 
+Data block reuse
+----------------
+A data block can be handed out again (and then rewritten or zeroed) only after it became free, and
+the data space map hands out only blocks free both now and at the last commit.  So a block that a
+mapping stops naming (discarded, sharing broken, device deleted) can be reallocated at once if it
+was itself allocated in the open transaction, or else after the next commit; an abort forgets the
+open transaction's allocations, which frees those blocks too.  ``epoch`` counts these moments: it
+grows by one whenever a data block's count drops to zero, at the end of every commit that wrote
+something, and at every (re)load, abort included.  A reader that sees the same epoch before its
+lookup and after reading the data therefore knows that no block it read was reassigned in between
+(the thin volume's lock-free read path, see ``volume.py``).
+
 Locking and failure
 -------------------
 Every public method takes the pool lock (an ``RLock``), checks the failure latch, and calls its
@@ -146,10 +158,11 @@ class PoolMetadata:
         self.data_block_size = 0
         self._details: dict[int, DeviceDetails] = {}
         self._changed: set[int] = set()
+        self.epoch = 0  # see "Data block reuse" above
         self.data_vt = btree.ValueType(
             8,
             inc=lambda v: self.dsm.inc(v >> 24),
-            dec=lambda v: self.dsm.dec(v >> 24),
+            dec=lambda v: self._dec_data(v >> 24),
             equal=lambda a, b: (a >> 24) == (b >> 24),
         )
         self.top_vt = btree.ValueType(8, inc=self.tm.inc, dec=lambda r: btree.delete_tree(self.tm, r, self.data_vt))
@@ -211,6 +224,7 @@ class PoolMetadata:
         self._details.clear()
         self._changed.clear()
         self._in_service = False
+        self.epoch += 1
 
     # -- transactions ----------------------------------------------------------------------------
 
@@ -248,6 +262,7 @@ class PoolMetadata:
         self.tm.commit_superblock(sb.pack())
         self.sb = sb
         self._in_service = False
+        self.epoch += 1
 
     @_locked
     def abort(self) -> None:
@@ -484,8 +499,15 @@ class PoolMetadata:
     @_locked
     def mappings(self, dev: int, begin: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int]]:
         """(vblock, data_block, time) in ascending vblock order.  Materialised under the lock."""
-        out = [(k, v >> 24, v & 0xFFFFFF) for k, v in btree.iterate(self.tm, self._subtree(dev), begin, end)]
-        return iter(out)
+        keys, values = btree.lookup_range(self.tm, self._subtree(dev), begin, 1 << 64 if end is None else end)
+        return iter([(k, v >> 24, v & 0xFFFFFF) for k, v in zip(keys, values, strict=True)])
+
+    @_locked
+    def map_range(self, dev: int, begin: int, end: int) -> tuple[list[int], list[int]]:
+        """The mapped vblocks of dev in [begin, end) and their data blocks: the read path's lookup,
+        one descent and a few list slices whatever the range's length."""
+        vblocks, values = btree.lookup_range(self.tm, self._subtree(dev), begin, end)
+        return vblocks, [v >> 24 for v in values]
 
     @_locked
     def highest_mapped(self, dev: int) -> int | None:
@@ -508,7 +530,13 @@ class PoolMetadata:
 
     @_writes
     def dec_data_block(self, b: int) -> None:
+        self._dec_data(b)
+
+    def _dec_data(self, b: int) -> None:
+        """Drop a reference to data block b; a block that becomes free moves the epoch on."""
         self.dsm.dec(b)
+        if not self.dsm.get_count(b):
+            self.epoch += 1
 
     @_locked
     def data_block_count(self, b: int) -> int:
