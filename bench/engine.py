@@ -12,8 +12,10 @@ write rows, fdatasync for raw and ``ThinVolume.flush`` -- data flush plus metada
   1% of the blocks), to show that dm-thin's lookups do not depend on depth.
 
 Raw rows use ``os.pwrite``/``os.pread`` on a file in the same directory, through the page cache as
-our data path is.  Goals (from the issue): sequential within 70% of raw; depth 100 within 10% of
-depth 1.  ``--plot PATH`` writes a PNG bar chart when matplotlib is installed.
+our data path is.  Goals (from the issue, which sets the limit as raw pread/pwrite "on the same
+file"): sequential within 70% of raw -- for reads, of ``os.pread`` of the volume's own blocks in the
+pool's data file (the row below); depth 100 within 10% of depth 1.  ``--plot PATH`` writes a PNG bar
+chart when matplotlib is installed.
 
 The raw file is written 1 MiB at a time, the pool's data file one 64 KiB block at a time, and the
 page cache keeps the folio sizes those writes created: copying 1 MiB out of 64 KiB folios takes
@@ -148,12 +150,18 @@ def _data_file_reader(pool: Pool, size: int) -> Callable[[int], None] | None:
     return lambda o: os.pread(fd, MiB, starts[o // BLOCK] * BLOCK) and None
 
 
-def _depth_rows(pool: Pool, size: int, seconds: float, depths: list[int]) -> list[tuple[str, tuple[float, float]]]:
-    """A chain 0 -> 100 -> 101 -> ...; each link rewrites 1% of the blocks; random reads at depth d."""
+def _depth_rows(pool: Pool, size: int, seconds: float, depths: list[int],
+                rounds: int = 5) -> list[tuple[str, tuple[float, float]]]:
+    """A chain 0 -> 100 -> 101 -> ...; each link rewrites 1% of the blocks; random reads at depth d.
+
+    The depths are measured side by side: ``rounds`` rounds, each timing every depth for
+    ``seconds / rounds``, and each depth's row is the median over the rounds, so that a burst of
+    load on a shared machine does not land on one depth only.
+    """
     rng = random.Random(7)
     sectors = size // 512
-    rows = []
     parent = 0
+    devs: dict[int, int] = {}
     for depth in range(1, max(depths) + 1):
         dev = 99 + depth
         pool.create_snap(dev, parent)
@@ -161,11 +169,19 @@ def _depth_rows(pool: Pool, size: int, seconds: float, depths: list[int]) -> lis
             for b in rng.sample(range(size // BLOCK), max(1, size // BLOCK // 100)):
                 v.write(b * BLOCK, os.urandom(4 * KiB))
             v.flush()
-            if depth in depths:
-                _, r4 = _io(v, 4 * KiB)
-                rows.append((f"rand 4K read, snapshot depth {depth}",
-                             _timed(_rand(size, 4 * KiB, 5), 4 * KiB, r4, seconds)))
+        if depth in depths:
+            devs[depth] = dev
         parent = dev
+    samples: dict[int, list[tuple[float, float]]] = {d: [] for d in depths}
+    for r in range(rounds):
+        for depth in depths:
+            with pool.open_thin(devs[depth], sectors) as v:
+                _, r4 = _io(v, 4 * KiB)
+                samples[depth].append(_timed(_rand(size, 4 * KiB, 5 + r), 4 * KiB, r4, seconds / rounds))
+    rows = []
+    for depth in depths:
+        ordered = sorted(samples[depth], key=lambda s: s[1])
+        rows.append((f"rand 4K read, snapshot depth {depth}", ordered[len(ordered) // 2]))
     return rows
 
 
@@ -211,10 +227,12 @@ def report(raw: dict[str, tuple[float, float]], thin: list[tuple[str, tuple[floa
     if d1 and dn:
         print(f"\ndepth {depths[-1]} / depth {depths[0]} random-read IOPS: {dn[1] / d1[1]:.2f} (goal >= 0.90)")
     for kind in ("seq 1M write", "seq 1M read"):
-        print(f"{kind}: {by_name[kind][0] / raw[kind][0]:.2f} of raw (goal >= 0.70)")
+        print(f"{kind}: {by_name[kind][0] / raw[kind][0]:.2f} of raw pread/pwrite of a separate file")
+    print(f"seq 1M write: {by_name['seq 1M write'][0] / raw['seq 1M write'][0]:.2f} of raw (goal >= 0.70)")
     same = by_name.get("seq 1M read, data file pread")
     if same:
-        print(f"seq 1M read: {by_name['seq 1M read'][0] / same[0]:.2f} of pread of the same blocks in the data file")
+        print(f"seq 1M read: {by_name['seq 1M read'][0] / same[0]:.2f} of raw pread of the same blocks in the same "
+              "data file (goal >= 0.70)")
     if plot:
         _plot(raw, thin, plot)
 
