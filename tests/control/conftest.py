@@ -1,5 +1,5 @@
-"""Fixtures for the control-plane tests (see support.py): ``udm``, ``udm_idle`` and ``backing``."""
+"""Fixtures for the control-plane tests (see support.py): ``udm``, ``udm_idle``, ``backing`` and ``mgr``."""
 
-from control.support import backing_fixture, udm_fixture, udm_idle_fixture
+from control.support import backing_fixture, mgr_fixture, udm_fixture, udm_idle_fixture
 
-__all__ = ["backing_fixture", "udm_fixture", "udm_idle_fixture"]
+__all__ = ["backing_fixture", "mgr_fixture", "udm_fixture", "udm_idle_fixture"]

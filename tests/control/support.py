@@ -28,6 +28,8 @@ import pytest
 
 from devmapper.cli import udmsetup
 from devmapper.control.client import Client
+from devmapper.control.manager import DeviceManager
+from devmapper.control.state import StateStore
 
 STARTUP_TIMEOUT = 30.0
 
@@ -257,3 +259,19 @@ def backing_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
         yield b
     finally:
         b.cleanup()
+
+
+def sparse(path: Path, size: int) -> str:
+    """A sparse file of ``size`` bytes; its path as a string (for tables)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return str(path)
+
+
+@pytest.fixture(name="mgr")
+def mgr_fixture(tmp_path: Path) -> Iterator[DeviceManager]:
+    """An in-process device manager with its state under tmp_path (no daemon, no sockets)."""
+    m = DeviceManager(StateStore(tmp_path / "state"), monitor_interval=0.1)
+    m.start()
+    yield m
+    m.shutdown()

@@ -6,11 +6,11 @@ import json
 import os
 import random
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from control.support import sparse
 from devmapper.control.errors import DmError
 from devmapper.control.manager import DeviceManager, DeviceRef
 from devmapper.control.state import StateStore
@@ -18,20 +18,6 @@ from devmapper.control.table import TableLine, parse_table
 from devmapper.export import Export, Extent
 
 MiB = 1 << 20
-
-
-def sparse(path: Path, size: int) -> str:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return str(path)
-
-
-@pytest.fixture
-def mgr(tmp_path: Path) -> Iterator[DeviceManager]:
-    m = DeviceManager(StateStore(tmp_path / "state"), monitor_interval=0.1)
-    m.start()
-    yield m
-    m.shutdown()
 
 
 def reopen(m: DeviceManager, tmp_path: Path) -> DeviceManager:

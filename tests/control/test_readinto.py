@@ -5,34 +5,19 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from control.support import sparse
 from devmapper.control.device import DeviceView
 from devmapper.control.errors import DmError
 from devmapper.control.manager import DeviceManager, DeviceRef
 from devmapper.control.nbd_exports import DeviceExports
-from devmapper.control.state import StateStore
 from devmapper.control.table import parse_table
 from devmapper.thin.volume import ThinVolume
 
 MiB = 1 << 20
-
-
-def sparse(path: Path, size: int) -> str:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return str(path)
-
-
-@pytest.fixture
-def mgr(tmp_path: Path) -> Iterator[DeviceManager]:
-    m = DeviceManager(StateStore(tmp_path / "state"), monitor_interval=0.1)
-    m.start()
-    yield m
-    m.shutdown()
 
 
 def readinto(view: DeviceView, offset: int, length: int) -> bytes:
