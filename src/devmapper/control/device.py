@@ -328,13 +328,11 @@ class MappedDevice:
             return merge_extents(out)
 
 
-class DeviceHandle:
-    """An opened mapped device (``Export``): counts as an opener until ``close``."""
+class DeviceView:
+    """An ``Export`` over a mapped device that does not count as an opener (NBD lookups, FUSE files)."""
 
     def __init__(self, md: MappedDevice) -> None:
         self._md = md
-        self._closed = False
-        md.hold()
 
     @property
     def name(self) -> str:
@@ -345,8 +343,6 @@ class DeviceHandle:
         return self._md.read_only
 
     def _dev(self) -> MappedDevice:
-        if self._closed:
-            raise DmError("EBADF", "device handle is closed")
         return self._md
 
     def size(self) -> int:
@@ -375,52 +371,26 @@ class DeviceHandle:
         return self._dev().block_status(offset, length)
 
     def close(self) -> None:
+        """Nothing to release: the view never opened the device."""
+
+
+class DeviceHandle(DeviceView):
+    """An opened mapped device (``Export``): counts as an opener until ``close``."""
+
+    def __init__(self, md: MappedDevice) -> None:
+        super().__init__(md)
+        self._closed = False
+        md.hold()
+
+    def _dev(self) -> MappedDevice:
+        if self._closed:
+            raise DmError("EBADF", "device handle is closed")
+        return self._md
+
+    def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._md.unhold()
 
 
 _IMPLEMENTS: type[Export] = DeviceHandle  # checked by mypy: a handle is an Export
-
-
-class DeviceView:
-    """An ``Export`` over a mapped device that does not count as an opener (NBD lookups, FUSE files)."""
-
-    def __init__(self, md: MappedDevice) -> None:
-        self._md = md
-
-    @property
-    def name(self) -> str:
-        return self._md.name
-
-    @property
-    def read_only(self) -> bool:
-        return self._md.read_only
-
-    def size(self) -> int:
-        return self._md.size()
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._md.read(offset, length)
-
-    def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
-        """Fill buf from offset (the NBD server's copy-saving path for large reads)."""
-        self._md.readinto(offset, buf)
-
-    def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
-        self._md.write(offset, data, fua)
-
-    def flush(self) -> None:
-        self._md.flush()
-
-    def discard(self, offset: int, length: int) -> None:
-        self._md.discard(offset, length)
-
-    def write_zeroes(self, offset: int, length: int, fua: bool = False, unmap: bool = True) -> None:
-        self._md.write_zeroes(offset, length, fua, unmap)
-
-    def block_status(self, offset: int, length: int) -> list[Extent]:
-        return self._md.block_status(offset, length)
-
-    def close(self) -> None:
-        """Nothing to release: the view never opened the device."""
