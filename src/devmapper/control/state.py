@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from devmapper.control.files import replace_file
+
 log = logging.getLogger(__name__)
 
 __all__ = ["STATE_VERSION", "StateStore"]
@@ -55,19 +57,5 @@ class StateStore:
     def save(self, state: dict[str, Any]) -> None:
         """Atomically replace the state file (temp + fsync + rename + directory fsync)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
-        data = json.dumps(state, indent=1, sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_file(self.path, json.dumps(state, indent=1, sort_keys=True).encode(), 0o600,
+                     tmp_prefix=f".{STATE_FILE}.tmp-")

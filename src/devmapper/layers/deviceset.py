@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devmapper.blockdev.file import FileBlockDevice
+from devmapper.control.files import replace_file
 from devmapper.errors import DevmapperError
 from devmapper.layers import fs
 from devmapper.layers.dm import Dm, DmError
@@ -52,7 +53,6 @@ from devmapper.layers.dockermeta import (
     device_prefix,
     pool_name,
 )
-from devmapper.layers.files import replace_file
 from devmapper.layers.options import DmOptions, human_size
 from devmapper.thin import ls
 

@@ -43,8 +43,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
+from devmapper.control.files import fsync_dir, replace_file
 from devmapper.errors import DeviceError, DevmapperError, ReadOnlyError
-from devmapper.layers.files import fsync_dir, replace_file
 from devmapper.units import MAX_DEV_ID
 
 log = logging.getLogger(__name__)

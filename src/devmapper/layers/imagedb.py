@@ -47,8 +47,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from devmapper.control.files import fsync_dir, replace_file, write_fsynced
 from devmapper.errors import DevmapperError, ReadOnlyError
-from devmapper.layers.files import fsync_dir, replace_file, write_fsynced
 from devmapper.layers.image import chain_id, config_diff_ids, familiar_reference, is_digest
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Durable small files: the one way the layer store writes its records.
+"""Durable small files: the one way the daemon's state and the layer store's records are written.
 
 ``replace_file`` is the sequence Docker used for its metadata files plus the step Docker skipped:
 temporary file in the same directory, write, fsync, rename over the target, then fsync the
