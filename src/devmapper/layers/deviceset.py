@@ -206,10 +206,14 @@ class DeviceSet:
     def metadata_file(self) -> Path:
         return self.loop_dir / "metadata"
 
-    def _data_path(self) -> Path:
+    @property
+    def data_path(self) -> Path:
+        """The pool's data device: ``dm.datadev`` or the sparse ``devicemapper/data`` file."""
         return Path(self.options.datadev) if self.options.datadev else self.data_file
 
-    def _metadata_path(self) -> Path:
+    @property
+    def metadata_path(self) -> Path:
+        """The pool's metadata device: ``dm.metadatadev`` or the sparse ``devicemapper/metadata`` file."""
         return Path(self.options.metadatadev) if self.options.metadatadev else self.metadata_file
 
     def _setup_pool(self, create: bool) -> bool:
@@ -226,13 +230,13 @@ class DeviceSet:
             raise DeviceSetError(f"Device {self.pool} does not exist (dm.thinpooldev)")
         fresh = False
         if self.read_only or not create:
-            for path in (self._data_path(), self._metadata_path()):
+            for path in (self.data_path, self.metadata_path):
                 if not path.exists():
                     raise DeviceSetError(f"loopback file not found: {path}")
         else:
             self.loop_dir.mkdir(mode=0o700, exist_ok=True)
-            fresh = self._ensure_file(self._metadata_path(), self.options.loopmetadatasize, self.options.metadatadev)
-            self._ensure_file(self._data_path(), self.options.loopdatasize, self.options.datadev)
+            fresh = self._ensure_file(self.metadata_path, self.options.loopmetadatasize, self.options.metadatadev)
+            self._ensure_file(self.data_path, self.options.loopdatasize, self.options.datadev)
         self._create_pool()
         self._owns_pool = True
         return fresh
@@ -258,13 +262,11 @@ class DeviceSet:
         return False
 
     def _pool_table(self) -> list[tuple[int, int, str, str]]:
-        data_bytes = _size_of(self._data_path())
+        data_bytes = _size_of(self.data_path)
         block_sectors = self.block_size // SECTOR
-        features = ["skip_block_zeroing", "error_if_no_space"]
-        params = (f"{self._metadata_path().absolute()} {self._data_path().absolute()} {block_sectors} "
+        features = ["skip_block_zeroing", "read_only" if self.read_only else "error_if_no_space"]
+        params = (f"{self.metadata_path.absolute()} {self.data_path.absolute()} {block_sectors} "
                   f"{LOW_WATER_BLOCKS} {len(features)} {' '.join(features)}")
-        if self.read_only:
-            params = params.replace(f"{len(features)} {' '.join(features)}", "2 skip_block_zeroing read_only")
         length = data_bytes // self.block_size * block_sectors
         return [(0, length, "thin-pool", params)]
 
@@ -774,7 +776,7 @@ class DeviceSet:
             except DmError as e:
                 log.debug("reserve_metadata_snap: %s", e)
         try:
-            dev = FileBlockDevice(str(self._metadata_path()), read_only=True)
+            dev = FileBlockDevice(str(self.metadata_path), read_only=True)
             try:
                 _bs, rows = ls.usage(dev, metadata_snap=held)
             finally:

@@ -49,7 +49,7 @@ def info_rows(ds: DeviceSet) -> list[tuple[str, str]]:
     meta_used, meta_total = u.used_meta * 4096, u.total_meta * 4096
     data_avail, meta_avail = data_total - data_used, meta_total - meta_used
     loop_mode = not ds.options.thinpooldev and not ds.options.datadev
-    data_file, meta_file = ds._data_path(), ds._metadata_path()
+    data_file, meta_file = ds.data_path, ds.metadata_path
     if loop_mode:
         for name, path in (("data", data_file), ("meta", meta_file)):
             free = _host_free(path)

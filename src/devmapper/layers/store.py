@@ -300,9 +300,18 @@ class LayerStore:
         finally:
             self.devices.unmount(init_id)
 
-    def container(self, cid: str) -> ContainerInfo:
+    def _images_by_top_layer(self) -> dict[str, str]:
+        """Chain id of each image's top layer -> image id (what a container's ``parent`` names)."""
+        by_top: dict[str, str] = {}
+        for info in self.images():
+            if info.layers:
+                by_top.setdefault(info.layers[-1], info.image_id)
+        return by_top
+
+    def container(self, cid: str, by_top: dict[str, str] | None = None) -> ContainerInfo:
         rec = self._mount_record(cid)
-        image_id = next((i for i in self.db.images() if self.image(i).layers[-1:] == [rec.parent]), None)
+        by_top = self._images_by_top_layer() if by_top is None else by_top
+        image_id = None if rec.parent is None else by_top.get(rec.parent)
         return ContainerInfo(rec.container_id, image_id, rec.mount_id, rec.init_id,
                              self.devices.info(rec.mount_id).size, self.devices.mounted(rec.mount_id))
 
@@ -317,7 +326,8 @@ class LayerStore:
         return rec
 
     def containers(self) -> list[ContainerInfo]:
-        return [self.container(m.container_id) for m in sorted(self.db.mounts(), key=lambda m: m.container_id)]
+        by_top = self._images_by_top_layer()
+        return [self.container(m.container_id, by_top) for m in sorted(self.db.mounts(), key=lambda m: m.container_id)]
 
     def mount_container(self, cid: str) -> Path:
         return self.devices.mount(self._mount_record(cid).mount_id)
