@@ -49,7 +49,11 @@ ALLOWED: dict[str, frozenset[str]] = {
 # Narrower rules for single modules: module -> devmapper modules (exact or package prefix) allowed.
 SUBMODULE_ALLOWED: dict[str, frozenset[str]] = {
     # sans-IO: knows bytes and events only.
-    "devmapper.nbd.protocol": frozenset({"devmapper.units", "devmapper.errors"}),
+    "devmapper.nbd.protocol": frozenset(
+        {"devmapper.units", "devmapper.errors", "devmapper.nbd.wire", "devmapper.nbd.events"}
+    ),
+    "devmapper.nbd.events": frozenset({"devmapper.units", "devmapper.errors", "devmapper.nbd.wire"}),
+    "devmapper.nbd.wire": frozenset({"devmapper.units", "devmapper.errors"}),
     # the FUSE adapter translates pyfuse3 calls into vfs calls and knows nothing else.
     "devmapper.fuse.adapter": frozenset(
         {"devmapper.units", "devmapper.errors", "devmapper.fuse", "devmapper.fuse.vfs"}
@@ -60,6 +64,8 @@ SUBMODULE_ALLOWED: dict[str, frozenset[str]] = {
 FORBIDDEN_EXTERNAL: dict[str, frozenset[str]] = {
     "format": frozenset({"os", "io", "logging", "time", "socket", "threading"}),
     "devmapper.nbd.protocol": frozenset({"socket", "socketserver", "selectors", "threading", "asyncio"}),
+    "devmapper.nbd.events": frozenset({"socket", "socketserver", "selectors", "threading", "asyncio"}),
+    "devmapper.nbd.wire": frozenset({"socket", "socketserver", "selectors", "threading", "asyncio"}),
     "devmapper.fuse.vfs": frozenset({"pyfuse3"}),
 }
 # layers that may not call the builtin open() (pure bytes <-> values).

@@ -43,23 +43,87 @@ read-only export (EPERM), range past the end (ENOSPC for WRITE and WRITE_ZEROES,
 misalignment to the minimum block size (EINVAL).  A ``Request`` with ``error`` set is
 to be answered with ``reply_error`` and nothing else; the connection stays usable.
 
-The module knows bytes, numbers and names; what an export *is* lives in ``devmapper.export`` and
-``server.py``.
+The module knows bytes, numbers and names; the numbers, structs and exceptions of the wire are in
+``nbd.wire``, ``ExportInfo`` and the event classes in ``nbd.events`` (all re-exported here); what an
+export *is* lives in ``devmapper.export`` and ``server.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
-from devmapper.errors import DevmapperError
+from devmapper.nbd.events import (
+    NEED_DATA,
+    ConnectionClosed,
+    Disconnect,
+    Event,
+    ExportInfo,
+    ExportQuery,
+    ListQuery,
+    Request,
+)
+from devmapper.nbd.wire import (
+    BASE_ALLOCATION,
+    BASE_ALLOCATION_ID,
+    CHUNK,
+    CHUNK_ERROR,
+    CHUNK_OFFSET_DATA,
+    CLIENT_FIXED_NEWSTYLE,
+    CLIENT_NO_ZEROES,
+    DEFAULT_MAX_PAYLOAD,
+    DRAIN_LIMIT,
+    EXPORT_NAME_PADDING,
+    EXPORT_NAME_REPLY,
+    EXTENT,
+    GREETING,
+    HANDSHAKE_FIXED_NEWSTYLE,
+    HANDSHAKE_NO_ZEROES,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    MAX_EXTENTS,
+    MAX_OPTION_DATA,
+    MAX_STRING,
+    NBDMAGIC,
+    OPT_HEADER,
+    OPT_REPLY,
+    OPT_REPLY_MAGIC,
+    REPLY_FLAG_DONE,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STATE_HOLE,
+    STATE_ZERO,
+    STRUCTURED_REPLY_MAGIC,
+    U16,
+    U32,
+    Cmd,
+    CmdFlag,
+    Errno,
+    Info,
+    LocalProtocolError,
+    NbdProtocolError,
+    Opt,
+    RemoteProtocolError,
+    Rep,
+    ReplyType,
+    TxFlag,
+    nbd_errno,
+)
 
 __all__ = [
     "BASE_ALLOCATION",
+    "BASE_ALLOCATION_ID",
+    "DEFAULT_MAX_PAYLOAD",
+    "DRAIN_LIMIT",
+    "MAX_EXTENTS",
+    "MAX_OPTION_DATA",
     "NEED_DATA",
+    "STATE_HOLE",
+    "STATE_ZERO",
     "Cmd",
     "CmdFlag",
     "ConnectionClosed",
@@ -81,315 +145,6 @@ __all__ = [
     "TxFlag",
     "nbd_errno",
 ]
-
-# -- wire constants (proto.md "Values") -----------------------------------------------------------
-
-NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
-OPT_REPLY_MAGIC = 0x3E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-
-HANDSHAKE_FIXED_NEWSTYLE = 1 << 0
-HANDSHAKE_NO_ZEROES = 1 << 1
-CLIENT_FIXED_NEWSTYLE = 1 << 0
-CLIENT_NO_ZEROES = 1 << 1
-
-BASE_ALLOCATION = "base:allocation"
-BASE_ALLOCATION_ID = 1  # our id for the context; ids are opaque to clients
-STATE_HOLE = 1 << 0
-STATE_ZERO = 1 << 1
-
-MAX_STRING = 4096  # proto.md "Conventions": strings MUST be no longer than 4096 bytes
-MAX_OPTION_DATA = 64 << 10  # longer options are drained and refused with ERR_TOO_BIG
-MAX_EXTENTS = 1 << 20  # per block-status chunk
-DEFAULT_MAX_PAYLOAD = 32 << 20
-DRAIN_LIMIT = 64 << 20  # rejected WRITE payloads up to this size are read and dropped, larger ones disconnect
-EXPORT_NAME_PADDING = bytes(124)
-
-
-class Opt(enum.IntEnum):
-    EXPORT_NAME = 1
-    ABORT = 2
-    LIST = 3
-    PEEK_EXPORT = 4
-    STARTTLS = 5
-    INFO = 6
-    GO = 7
-    STRUCTURED_REPLY = 8
-    LIST_META_CONTEXT = 9
-    SET_META_CONTEXT = 10
-    EXTENDED_HEADERS = 11
-
-
-class Rep(enum.IntEnum):
-    ACK = 1
-    SERVER = 2
-    INFO = 3
-    META_CONTEXT = 4
-    ERR_UNSUP = (1 << 31) + 1
-    ERR_POLICY = (1 << 31) + 2
-    ERR_INVALID = (1 << 31) + 3
-    ERR_PLATFORM = (1 << 31) + 4
-    ERR_TLS_REQD = (1 << 31) + 5
-    ERR_UNKNOWN = (1 << 31) + 6
-    ERR_SHUTDOWN = (1 << 31) + 7
-    ERR_BLOCK_SIZE_REQD = (1 << 31) + 8
-    ERR_TOO_BIG = (1 << 31) + 9
-
-
-class Info(enum.IntEnum):
-    EXPORT = 0
-    NAME = 1
-    DESCRIPTION = 2
-    BLOCK_SIZE = 3
-
-
-class TxFlag(enum.IntFlag):
-    HAS_FLAGS = 1 << 0
-    READ_ONLY = 1 << 1
-    SEND_FLUSH = 1 << 2
-    SEND_FUA = 1 << 3
-    ROTATIONAL = 1 << 4
-    SEND_TRIM = 1 << 5
-    SEND_WRITE_ZEROES = 1 << 6
-    SEND_DF = 1 << 7
-    CAN_MULTI_CONN = 1 << 8
-    SEND_RESIZE = 1 << 9
-    SEND_CACHE = 1 << 10
-    SEND_FAST_ZERO = 1 << 11
-
-
-class Cmd(enum.IntEnum):
-    READ = 0
-    WRITE = 1
-    DISC = 2
-    FLUSH = 3
-    TRIM = 4
-    CACHE = 5
-    WRITE_ZEROES = 6
-    BLOCK_STATUS = 7
-
-
-class CmdFlag(enum.IntFlag):
-    FUA = 1 << 0
-    NO_HOLE = 1 << 1
-    DF = 1 << 2
-    REQ_ONE = 1 << 3
-    FAST_ZERO = 1 << 4
-
-
-class ReplyType(enum.IntEnum):
-    NONE = 0
-    OFFSET_DATA = 1
-    OFFSET_HOLE = 2
-    BLOCK_STATUS = 5
-    ERROR = (1 << 15) + 1
-    ERROR_OFFSET = (1 << 15) + 2
-
-
-REPLY_FLAG_DONE = 1
-
-
-class Errno(enum.IntEnum):
-    EPERM = 1
-    EIO = 5
-    ENOMEM = 12
-    EINVAL = 22
-    ENOSPC = 28
-    EOVERFLOW = 75
-    ENOTSUP = 95
-    ESHUTDOWN = 108
-
-
-# errno names an export may raise -> the NBD error sent (proto.md "Error values").
-_ERRNO_BY_NAME: dict[str, int] = {
-    "EPERM": Errno.EPERM, "EROFS": Errno.EPERM, "EACCES": Errno.EPERM,
-    "EIO": Errno.EIO, "ENOMEM": Errno.ENOMEM,
-    "EINVAL": Errno.EINVAL, "EBADF": Errno.EINVAL, "ENODATA": Errno.EIO, "ENODEV": Errno.EIO,
-    "ENOSPC": Errno.ENOSPC, "EDQUOT": Errno.ENOSPC, "EFBIG": Errno.ENOSPC,
-    "EOVERFLOW": Errno.EOVERFLOW,
-    "ENOTSUP": Errno.ENOTSUP, "EOPNOTSUPP": Errno.ENOTSUP,
-    "ESHUTDOWN": Errno.ESHUTDOWN,
-}
-
-
-def nbd_errno(name: str) -> int:
-    """The NBD error value for an errno name (``"EROFS"`` -> EPERM); EIO when there is no better one."""
-    return int(_ERRNO_BY_NAME.get(name, Errno.EIO))
-
-
-# -- errors ---------------------------------------------------------------------------------------
-
-
-class NbdProtocolError(DevmapperError):
-    """The NBD conversation cannot continue."""
-
-
-class RemoteProtocolError(NbdProtocolError):
-    """The peer broke the protocol; drop the connection (a hard disconnect)."""
-
-
-class LocalProtocolError(NbdProtocolError):
-    """Our side used the connection object out of turn (a bug in the caller)."""
-
-
-# -- structs --------------------------------------------------------------------------------------
-
-_GREETING = struct.Struct(">QQH")
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_OPT_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
-_OPT_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
-_INFO_EXPORT = struct.Struct(">HQH")
-_INFO_BLOCK_SIZE = struct.Struct(">HIII")
-_EXPORT_NAME_REPLY = struct.Struct(">QH")
-REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length (28 bytes)
-SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie (16 bytes)
-CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length (20 bytes)
-_CHUNK_OFFSET_DATA = struct.Struct(">IHHQIQ")  # chunk header + offset
-_CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + error + message length
-_EXTENT = struct.Struct(">II")
-
-# -- export facts ---------------------------------------------------------------------------------
-
-
-def _power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ExportInfo:
-    """What the handshake says about one export.  Block sizes follow proto.md "Size constraints"."""
-
-    name: str
-    size: int
-    read_only: bool = False
-    description: str = ""
-    can_flush: bool = True
-    can_fua: bool = True
-    can_trim: bool = True
-    can_zero: bool = True
-    can_fast_zero: bool = True
-    can_cache: bool = True
-    can_multi_conn: bool = True
-    rotational: bool = False
-    block_status: bool = True  # offers base:allocation
-    min_block: int = 1
-    preferred_block: int = 4096
-    max_payload: int = DEFAULT_MAX_PAYLOAD
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.size < 1 << 64:
-            raise LocalProtocolError(f"export size {self.size} does not fit 64 bits")
-        if not (_power_of_two(self.min_block) and self.min_block <= 1 << 16):
-            raise LocalProtocolError(f"minimum block size {self.min_block} must be a power of 2 <= 65536")
-        if not (_power_of_two(self.preferred_block) and self.preferred_block >= max(self.min_block, 512)):
-            raise LocalProtocolError(f"preferred block size {self.preferred_block} is not a power of 2 >= min, 512")
-        if not self.preferred_block <= self.max_payload < 1 << 32:
-            raise LocalProtocolError(f"maximum payload {self.max_payload} must be >= the preferred block size")
-
-    def transmission_flags(self, structured: bool) -> int:
-        """The 16-bit transmission flags for this export (DF only with structured replies)."""
-        wanted = (
-            (True, TxFlag.HAS_FLAGS),
-            (self.read_only, TxFlag.READ_ONLY),
-            (self.can_flush, TxFlag.SEND_FLUSH),
-            (self.can_flush and self.can_fua, TxFlag.SEND_FUA),
-            (self.rotational, TxFlag.ROTATIONAL),
-            (not self.read_only and self.can_trim, TxFlag.SEND_TRIM),
-            (not self.read_only and self.can_zero, TxFlag.SEND_WRITE_ZEROES),
-            (structured, TxFlag.SEND_DF),
-            (self.can_multi_conn, TxFlag.CAN_MULTI_CONN),
-            (self.can_cache, TxFlag.SEND_CACHE),
-            (not self.read_only and self.can_zero and self.can_fast_zero, TxFlag.SEND_FAST_ZERO),
-        )
-        return sum(int(flag) for on, flag in wanted if on)
-
-
-# -- events ---------------------------------------------------------------------------------------
-
-
-class _NeedData:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ExportQuery:
-    """An option about one export; answer with ``answer_export``.  ``name`` "" is the default export."""
-
-    option: Opt
-    name: str
-    info_requests: tuple[int, ...] = ()  # INFO/GO
-    queries: tuple[str, ...] = ()  # LIST/SET_META_CONTEXT
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ListQuery:
-    """NBD_OPT_LIST; answer with ``answer_list``."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Disconnect:
-    """A soft disconnect: NBD_OPT_ABORT (already acknowledged) or NBD_CMD_DISC.  Close after sending."""
-
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """The peer closed its end (EOF).  ``partial``: it stopped in the middle of a message."""
-
-    partial: bool = False
-
-
-class Request:
-    """One transmission command.  ``payload`` is the data of a valid WRITE; ``error`` (an NBD error
-    value, with ``message``) is set when the request was rejected and must only be answered."""
-
-    __slots__ = ("command", "cookie", "error", "flags", "length", "message", "offset", "payload")
-
-    def __init__(
-        self,
-        command: int,
-        flags: int,
-        cookie: int,
-        offset: int,
-        length: int,
-        payload: bytearray | None = None,
-        error: int = 0,
-        message: str = "",
-    ) -> None:
-        self.command = command
-        self.flags = flags
-        self.cookie = cookie
-        self.offset = offset
-        self.length = length
-        self.payload = payload
-        self.error = error
-        self.message = message
-
-    def __repr__(self) -> str:
-        name = Cmd(self.command).name if self.command in Cmd._value2member_map_ else str(self.command)
-        err = f" error={self.error} {self.message!r}" if self.error else ""
-        return f"Request({name} flags={self.flags:#x} cookie={self.cookie} offset={self.offset} len={self.length}{err})"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Request):
-            return NotImplemented
-        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-Event = ExportQuery | ListQuery | Request | Disconnect | ConnectionClosed | _NeedData
 
 # -- states ---------------------------------------------------------------------------------------
 
@@ -470,7 +225,7 @@ class ServerConnection:
         self.contexts: dict[int, str] = {}  # selected metadata contexts, by id
         self._meta_export: str | None = None  # the export SET_META_CONTEXT referred to
         self._pending: ExportQuery | ListQuery | None = None
-        self._out = bytearray(_GREETING.pack(NBDMAGIC, IHAVEOPT, HANDSHAKE_FIXED_NEWSTYLE | HANDSHAKE_NO_ZEROES))
+        self._out = bytearray(GREETING.pack(NBDMAGIC, IHAVEOPT, HANDSHAKE_FIXED_NEWSTYLE | HANDSHAKE_NO_ZEROES))
         self._events: deque[Event] = deque()
         self._alloc = allocator
         self._buf = bytearray(max(buffer_size, _MIN_FREE * 2))
@@ -629,7 +384,7 @@ class ServerConnection:
         raw = self._take(4)
         if raw is None:
             return NEED_DATA
-        (flags,) = _U32.unpack(raw)
+        (flags,) = U32.unpack(raw)
         if flags & ~(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES):
             raise self._remote_error(f"client flags {flags:#x} have bits the server did not offer")
         self.no_zeroes = bool(flags & CLIENT_NO_ZEROES)
@@ -640,24 +395,24 @@ class ServerConnection:
 
     def _read_option(self) -> Event:
         while True:
-            if self._end - self._start < _OPT_HEADER.size:
+            if self._end - self._start < OPT_HEADER.size:
                 return NEED_DATA
-            magic, option, length = _OPT_HEADER.unpack_from(self._buf, self._start)
+            magic, option, length = OPT_HEADER.unpack_from(self._buf, self._start)
             if magic != IHAVEOPT:
                 raise self._remote_error(f"option magic {magic:#x} is not IHAVEOPT")
             if length > MAX_OPTION_DATA:
                 if option == Opt.EXPORT_NAME:
                     raise self._remote_error("NBD_OPT_EXPORT_NAME name too long")
-                self._start += _OPT_HEADER.size
+                self._start += OPT_HEADER.size
                 self._drain_option(option, length)
                 if self._mode == _MODE_DRAIN:
                     return NEED_DATA
                 continue
-            if self._end - self._start < _OPT_HEADER.size + length:
-                self._make_room(_OPT_HEADER.size + length - (self._end - self._start))
+            if self._end - self._start < OPT_HEADER.size + length:
+                self._make_room(OPT_HEADER.size + length - (self._end - self._start))
                 return NEED_DATA
-            data = bytes(self._buf[self._start + _OPT_HEADER.size : self._start + _OPT_HEADER.size + length])
-            self._start += _OPT_HEADER.size + length
+            data = bytes(self._buf[self._start + OPT_HEADER.size : self._start + OPT_HEADER.size + length])
+            self._start += OPT_HEADER.size + length
             event = self._option(option, data)
             if event is not None:
                 return event
@@ -712,17 +467,17 @@ class ServerConnection:
     def _opt_info_go(self, option: int, data: bytes) -> Event | None:
         if len(data) < 6:
             return self._refuse(option, Rep.ERR_INVALID, "option data too short")
-        (namelen,) = _U32.unpack_from(data, 0)
+        (namelen,) = U32.unpack_from(data, 0)
         if namelen > len(data) - 6:
             return self._refuse(option, Rep.ERR_INVALID, "name length exceeds the option data")
         name = _decode_string(data[4 : 4 + namelen])
         if name is None:
             return self._refuse(option, Rep.ERR_INVALID, "export name is not a valid string")
-        (count,) = _U16.unpack_from(data, 4 + namelen)
+        (count,) = U16.unpack_from(data, 4 + namelen)
         rest = data[6 + namelen :]
         if len(rest) != 2 * count:
             return self._refuse(option, Rep.ERR_INVALID, "information request count does not match the data")
-        requests = tuple(_U16.unpack_from(rest, 2 * i)[0] for i in range(count))
+        requests = tuple(U16.unpack_from(rest, 2 * i)[0] for i in range(count))
         return self._ask(ExportQuery(Opt(option), name, info_requests=requests))
 
     def _opt_meta_context(self, option: int, data: bytes) -> Event | None:
@@ -751,7 +506,7 @@ class ServerConnection:
         return None
 
     def _reply_option(self, option: int, rep: int, data: bytes = b"") -> None:
-        self._out += _OPT_REPLY.pack(OPT_REPLY_MAGIC, option, rep, len(data))
+        self._out += OPT_REPLY.pack(OPT_REPLY_MAGIC, option, rep, len(data))
         self._out += data
 
     # -- answers ------------------------------------------------------------------------------
@@ -776,7 +531,7 @@ class ServerConnection:
         self._pending = None
         for name, description in exports:
             raw = name.encode()
-            self._reply_option(Opt.LIST, Rep.SERVER, _U32.pack(len(raw)) + raw + description.encode())
+            self._reply_option(Opt.LIST, Rep.SERVER, U32.pack(len(raw)) + raw + description.encode())
         self._reply_option(Opt.LIST, Rep.ACK)
         self._transition("answered")
 
@@ -797,7 +552,7 @@ class ServerConnection:
         if info is None:
             self._transition("export_name_refused")  # proto.md: the server MUST terminate the session
             return
-        self._out += _EXPORT_NAME_REPLY.pack(info.size, info.transmission_flags(self.structured))
+        self._out += EXPORT_NAME_REPLY.pack(info.size, info.transmission_flags(self.structured))
         if not self.no_zeroes:
             self._out += EXPORT_NAME_PADDING
         self._start_transmission(info, info.name)
@@ -809,14 +564,14 @@ class ServerConnection:
             self._transition("answered")
             return
         reply = self._reply_option
-        reply(option, Rep.INFO, _INFO_EXPORT.pack(Info.EXPORT, info.size, info.transmission_flags(self.structured)))
+        reply(option, Rep.INFO, INFO_EXPORT.pack(Info.EXPORT, info.size, info.transmission_flags(self.structured)))
         if Info.NAME in query.info_requests or query.name != info.name:
-            reply(option, Rep.INFO, _U16.pack(Info.NAME) + info.name.encode())
+            reply(option, Rep.INFO, U16.pack(Info.NAME) + info.name.encode())
         if Info.DESCRIPTION in query.info_requests and info.description:
-            reply(option, Rep.INFO, _U16.pack(Info.DESCRIPTION) + info.description.encode())
+            reply(option, Rep.INFO, U16.pack(Info.DESCRIPTION) + info.description.encode())
         # Sent even when not requested (allowed); a client that did not ask may ignore it, and we
         # then still error misaligned requests cleanly.
-        block_size = _INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, info.min_block, info.preferred_block, info.max_payload)
+        block_size = INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, info.min_block, info.preferred_block, info.max_payload)
         reply(option, Rep.INFO, block_size)
         reply(option, Rep.ACK)
         if option == Opt.GO:
@@ -834,7 +589,7 @@ class ServerConnection:
         names = _match_contexts(query.queries, listing) if info.block_status else []
         for ctx in names:
             ctx_id = 0 if listing else BASE_ALLOCATION_ID  # ids in a LIST reply are reserved (0)
-            self._reply_option(option, Rep.META_CONTEXT, _U32.pack(ctx_id) + ctx.encode())
+            self._reply_option(option, Rep.META_CONTEXT, U32.pack(ctx_id) + ctx.encode())
         if not listing:
             self.contexts = {BASE_ALLOCATION_ID: names[0]} if names else {}
             self._meta_export = query.name
@@ -953,9 +708,12 @@ class ServerConnection:
         if not self.structured:
             return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
         raw = message.encode()[:MAX_STRING]
-        return _CHUNK_ERROR.pack(
-            STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.ERROR, cookie, 6 + len(raw), error, len(raw)
-        ) + raw
+        return (
+            CHUNK_ERROR.pack(
+                STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.ERROR, cookie, 6 + len(raw), error, len(raw)
+            )
+            + raw
+        )
 
     def reply_read(self, cookie: int, offset: int, length: int) -> bytes:
         """The header to send before ``length`` bytes of data read at ``offset`` (one chunk, DONE)."""
@@ -963,7 +721,7 @@ class ServerConnection:
             return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
         if length == 0:
             return CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.NONE, cookie, 0)
-        return _CHUNK_OFFSET_DATA.pack(
+        return CHUNK_OFFSET_DATA.pack(
             STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.OFFSET_DATA, cookie, 8 + length, offset
         )
 
@@ -972,13 +730,13 @@ class ServerConnection:
         if not extents:
             raise LocalProtocolError("a block status reply needs at least one extent")
         extents = extents[:MAX_EXTENTS]
-        body = b"".join(_EXTENT.pack(n, f) for n, f in extents)
+        body = b"".join(EXTENT.pack(n, f) for n, f in extents)
         out = bytearray()
         ids = sorted(self.contexts)
         for i, ctx_id in enumerate(ids):
             flags = REPLY_FLAG_DONE if i == len(ids) - 1 else 0
             out += CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, ReplyType.BLOCK_STATUS, cookie, 4 + len(body))
-            out += _U32.pack(ctx_id)
+            out += U32.pack(ctx_id)
             out += body
         return bytes(out)
 
@@ -1007,12 +765,12 @@ def _parse_meta_request(data: bytes) -> tuple[str, tuple[str, ...]] | None:
     """(export name, queries) of a LIST/SET_META_CONTEXT option, or None if malformed."""
     if len(data) < 8:
         return None
-    (namelen,) = _U32.unpack_from(data, 0)
+    (namelen,) = U32.unpack_from(data, 0)
     if namelen > len(data) - 8:
         return None
     name = _decode_string(data[4 : 4 + namelen])
     pos = 4 + namelen
-    (count,) = _U32.unpack_from(data, pos)
+    (count,) = U32.unpack_from(data, pos)
     pos += 4
     if name is None or count > (len(data) - pos) // 4:
         return None
@@ -1020,7 +778,7 @@ def _parse_meta_request(data: bytes) -> tuple[str, tuple[str, ...]] | None:
     for _ in range(count):
         if len(data) - pos < 4:
             return None
-        (qlen,) = _U32.unpack_from(data, pos)
+        (qlen,) = U32.unpack_from(data, pos)
         pos += 4
         if qlen > len(data) - pos:
             return None
