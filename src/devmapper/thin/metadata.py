@@ -510,6 +510,20 @@ class PoolMetadata:
         return vblocks, [v >> 24 for v in values]
 
     @_locked
+    def in_place_range(self, dev: int, begin: int, end: int) -> list[int] | None:
+        """The data blocks of vblocks [begin, end) when every one is mapped and none is shared, so a
+        write may go in place into all of them (the multi-block write's lookup); else None."""
+        vblocks, values = btree.lookup_range(self.tm, self._subtree(dev), begin, end)
+        if len(vblocks) != end - begin:
+            return None
+        d = self._details_of(dev)
+        assert d is not None
+        snapshotted = d.snapshotted_time
+        if any(v & 0xFFFFFF < snapshotted for v in values):
+            return None
+        return [v >> 24 for v in values]
+
+    @_locked
     def highest_mapped(self, dev: int) -> int | None:
         """The highest mapped virtual block of dev, or None."""
         node = self.tm.read_node(self._subtree(dev))

@@ -1,0 +1,94 @@
+"""The multi-block in-place write path: taken only when every block is mapped and unshared, and
+then equivalent to writing piece by piece (breaking sharing and provisioning go the slow way)."""
+
+from __future__ import annotations
+
+import pytest
+
+from devmapper.thin.volume import ThinVolume
+from pool.support import BLOCK, PoolFiles, pattern
+
+VOL_SECTORS = 16 * 128  # 16 blocks
+
+
+@pytest.fixture
+def puts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The virtual blocks that went through the piece-by-piece path."""
+    seen: list[int] = []
+    original = ThinVolume._put
+
+    def counting(self: ThinVolume, vblock: int, within: int, payload: object, fua: bool) -> None:
+        seen.append(vblock)
+        original(self, vblock, within, payload, fua)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ThinVolume, "_put", counting)
+    return seen
+
+
+def test_in_place_range_names_blocks_only_when_all_mapped_and_unshared(files: PoolFiles) -> None:
+    with files.open() as pool:
+        pool.create_thin(0)
+        with pool.open_thin(0, VOL_SECTORS) as vol:
+            vol.write(0, pattern(1, 4 * BLOCK))
+            vol.write(5 * BLOCK, pattern(2, BLOCK))
+            blocks = pool.md.in_place_range(0, 0, 4)
+            assert blocks is not None and len(blocks) == 4
+            assert pool.md.in_place_range(0, 3, 6) is None  # vblock 4 is unmapped
+            pool.create_snap(1, 0)
+            assert pool.md.in_place_range(0, 0, 4) is None  # now shared with the snapshot
+            assert pool.md.in_place_range(1, 0, 4) is None
+    files.check()
+
+
+def test_mapped_unshared_write_skips_the_piece_path(files: PoolFiles, puts: list[int]) -> None:
+    with files.open() as pool:
+        pool.create_thin(0)
+        with pool.open_thin(0, VOL_SECTORS) as vol:
+            vol.write(0, pattern(1, 8 * BLOCK))
+            assert puts == list(range(8))  # provisioning goes piece by piece
+            puts.clear()
+            new = pattern(2, 5 * BLOCK + 300)
+            vol.write(BLOCK + 77, new)  # unaligned at both ends, all mapped
+            assert puts == []
+            want = bytearray(pattern(1, 8 * BLOCK))
+            want[BLOCK + 77 : BLOCK + 77 + len(new)] = new
+            assert vol.read(0, 8 * BLOCK) == want
+            vol.write(BLOCK, pattern(3, 2 * BLOCK), fua=True)
+            assert puts == []
+            want[BLOCK : 3 * BLOCK] = pattern(3, 2 * BLOCK)
+            assert vol.read(0, 8 * BLOCK) == want
+    files.check()
+
+
+def test_a_shared_block_sends_the_write_piece_by_piece(files: PoolFiles, puts: list[int]) -> None:
+    with files.open() as pool:
+        pool.create_thin(0)
+        with pool.open_thin(0, VOL_SECTORS) as vol:
+            vol.write(0, pattern(1, 4 * BLOCK))
+        pool.create_snap(1, 0)
+        with pool.open_thin(0, VOL_SECTORS) as vol:
+            vol.write(0, pattern(9, BLOCK))  # block 0 broken out of sharing; 1..3 still shared
+            puts.clear()
+            vol.write(BLOCK // 2, pattern(2, 2 * BLOCK))
+            assert puts == [0, 1, 2]
+            want = bytearray(pattern(9, BLOCK) + pattern(1, 4 * BLOCK)[BLOCK:])
+            want[BLOCK // 2 : BLOCK // 2 + 2 * BLOCK] = pattern(2, 2 * BLOCK)
+            assert vol.read(0, 4 * BLOCK) == want
+        with pool.open_thin(1, VOL_SECTORS) as snap:
+            assert snap.read(0, 4 * BLOCK) == pattern(1, 4 * BLOCK)
+    files.check()
+
+
+def test_a_hole_in_the_range_provisions_it(files: PoolFiles, puts: list[int]) -> None:
+    with files.open() as pool:
+        pool.create_thin(0)
+        with pool.open_thin(0, VOL_SECTORS) as vol:
+            vol.write(0, pattern(1, BLOCK))
+            vol.write(2 * BLOCK, pattern(2, BLOCK))
+            puts.clear()
+            vol.write(BLOCK // 2, pattern(3, 2 * BLOCK))
+            assert puts == [0, 1, 2]
+            want = pattern(1, BLOCK // 2) + pattern(3, 2 * BLOCK) + pattern(2, BLOCK)[BLOCK // 2 :]
+            assert vol.read(0, 3 * BLOCK) == want
+            assert vol.status().split()[0] == str(3 * 128)
+    files.check()
