@@ -14,7 +14,8 @@ Removing a device whose loop device is mounted fails (busy) unless deferred.
 
 NBD: every mapped device with a live table is also an NBD export named after it, on the unix socket
 ``<runtime dir>/nbd.sock`` (``nbd+unix:///NAME?socket=<runtime dir>/nbd.sock``) and, with
-``--nbd-tcp PORT``, on 127.0.0.1; ``--no-nbd`` turns this off.  Suspending a device
+``--nbd-tcp PORT``, on 127.0.0.1; ``--no-nbd`` turns this off.  ``--nbd-tls on|require`` with
+``--nbd-tls-certificates DIR`` offers or demands TLS (``nbds+unix://``, ``nbds://``).  Suspending a device
 holds its I/O but does not freeze a filesystem on it (``sync`` first, as with ``--nolockfs``).
 
 Directories: ``--runtime-dir``/``--state-dir`` win; then ``$DEVMAPPER_RUNTIME_DIR`` and
@@ -29,6 +30,7 @@ import argparse
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -39,7 +41,9 @@ from typing import Any, TextIO
 from devmapper.control.exports import ExportHub
 from devmapper.control.nbd_exports import DeviceExports
 from devmapper.control.server import Daemon, DaemonRunningError
+from devmapper.errors import DevmapperError
 from devmapper.nbd.server import NbdServer
+from devmapper.nbd.tls import server_context
 
 LOG_NAME = "daemon.log"
 DEVICES_DIR = "devices"
@@ -100,6 +104,12 @@ def register(sub: Any) -> None:
                    help="where NAME links to the device's loop device go (/dev/mapper)")
     p.add_argument("--no-nbd", action="store_true", help="do not serve the devices over NBD")
     p.add_argument("--nbd-tcp", type=int, metavar="PORT", help="also serve NBD on 127.0.0.1:PORT (0: any port)")
+    p.add_argument("--nbd-tls", choices=("off", "on", "require"), default="off",
+                   help="offer TLS on the NBD sockets, or require it (needs --nbd-tls-certificates)")
+    p.add_argument("--nbd-tls-certificates", type=Path, metavar="DIR",
+                   help="server-cert.pem, server-key.pem (and ca-cert.pem for --nbd-tls-verify-peer)")
+    p.add_argument("--nbd-tls-verify-peer", action="store_true",
+                   help="require NBD client certificates signed by DIR/ca-cert.pem")
     p.set_defaults(handler=run)
 
 
@@ -117,6 +127,16 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     runtime_dir = args.runtime_dir or runtime_dir_from_env()
     state_dir = args.state_dir or state_dir_from_env()
     _setup_logging(args, err)
+    tls = None
+    if args.nbd_tls != "off" and not args.no_nbd:
+        if args.nbd_tls_certificates is None:
+            err.write(f"devmapper daemon: --nbd-tls={args.nbd_tls} needs --nbd-tls-certificates DIR\n")
+            return 2
+        try:
+            tls = server_context(args.nbd_tls_certificates, args.nbd_tls_verify_peer)
+        except DevmapperError as e:
+            err.write(f"devmapper daemon: {e}\n")
+            return 1
     exports = None
     if not args.no_device_files:
         from devmapper.fuse.adapter import FuseMount  # needs mfusepy and libfuse3
@@ -139,7 +159,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"devmapper daemon: {e}\n")
         return 1
     os.chdir("/")
-    nbd = None if args.no_nbd else _start_nbd(daemon, runtime_dir.absolute(), args.nbd_tcp)
+    nbd = None if args.no_nbd else _start_nbd(daemon, runtime_dir.absolute(), args.nbd_tcp, tls, args.nbd_tls)
     try:
         daemon.serve_forever()
     finally:
@@ -149,8 +169,10 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def _start_nbd(daemon: Daemon, runtime_dir: Path, tcp_port: int | None) -> NbdServer:
-    server = NbdServer(DeviceExports(daemon.manager))
+def _start_nbd(
+    daemon: Daemon, runtime_dir: Path, tcp_port: int | None, tls: ssl.SSLContext | None, policy: str
+) -> NbdServer:
+    server = NbdServer(DeviceExports(daemon.manager), tls=tls, tls_required=policy == "require")
     server.serve_unix(runtime_dir / NBD_SOCKET)
     if tcp_port is not None:
         host, port = server.serve_tcp("127.0.0.1", tcp_port)

@@ -2,12 +2,16 @@
 
     devmapper nbd --metadata META --data DATA --thin 0 [--thin 1:snap ...] --size 1G --socket S
     devmapper nbd --file disk.img [--name disk] --socket S [--tcp 127.0.0.1:10809]
+    devmapper nbd ... --tls require --tls-certificates DIR [--tls-verify-peer]
 
 Pool mode opens the pool (formatting all-zero metadata with ``--block-size``, as loading a
 thin-pool table does), activates each ``--thin ID[:NAME]`` (NAME defaults to ``thinID``;
 ``--create`` creates missing thin devices) as a volume of ``--size``, and exports it under NAME.
 File mode exports one regular file (or block device node).  The first export is also the default
-(empty-name) export.  SIGINT/SIGTERM stop the server; volumes are then flushed and closed.
+(empty-name) export.  ``--tls on|require`` offers or demands STARTTLS with the certificates in DIR
+(``server-cert.pem``, ``server-key.pem``, and ``ca-cert.pem`` to check client certificates), the
+layout nbdkit and qemu use; URIs are then printed as ``nbds+unix://``.  SIGINT/SIGTERM stop the
+server; volumes are then flushed and closed.
 
 The adapters here (``ThinExport``, ``FileExport``) are the command's own bridge to
 ``devmapper.export.Export``; the daemon uses the control plane's exports instead.
@@ -28,6 +32,7 @@ from devmapper.errors import DeviceError, ToolError
 from devmapper.export import Extent, merge_extents
 from devmapper.format.superblock import Superblock
 from devmapper.nbd.server import NbdServer
+from devmapper.nbd.tls import server_context
 from devmapper.thin.data_device import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 from devmapper.thin.pool import Pool
 from devmapper.thin.volume import ThinVolume
@@ -268,22 +273,27 @@ def _handler(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise ToolError("--metadata needs --data")
     if args.socket is None and args.tcp is None:
         raise ToolError("give --socket and/or --tcp")
+    tls = None
+    if args.tls != "off":
+        if args.tls_certificates is None:
+            raise ToolError(f"--tls={args.tls} needs --tls-certificates DIR")
+        tls = server_context(args.tls_certificates, args.tls_verify_peer)
     stop = threading.Event()
     manager: Any = _pool_exports(args) if args.metadata is not None else _file_exports(args)
     with manager as exports:
         table = {e.name: e for e in exports}
         server = NbdServer(
             table, default_export=exports[0].name, workers=args.workers, min_block=args.min_block,
-            read_only=args.read_only,
+            read_only=args.read_only, tls=tls, tls_required=args.tls == "require",
         )
         with server:
-            where = []
+            where, scheme = [], "nbd" if tls is None else "nbds"
             if args.socket is not None:
                 path = os.path.abspath(server.serve_unix(args.socket))
-                where.append(f"nbd+unix:///{{name}}?socket={path}")
+                where.append(f"{scheme}+unix:///{{name}}?socket={path}")
             if args.tcp is not None:
                 host, port = server.serve_tcp(*args.tcp)
-                where.append(f"nbd://{host}:{port}/{{name}}")
+                where.append(f"{scheme}://{host}:{port}/{{name}}")
             for e in exports:
                 out.write(" ".join(w.format(name=e.name) for w in where) + f"  ({e.size()} bytes)\n")
             out.flush()
@@ -318,4 +328,10 @@ def register(sub: Any) -> None:
     net.add_argument("--read-only", action="store_true", help="export read-only")
     net.add_argument("--workers", type=int, default=4, help="worker threads per connection (0: all inline)")
     net.add_argument("--min-block", type=int, default=1, help="advertised minimum block size (power of 2)")
+    net.add_argument("--tls", choices=("off", "on", "require"), default="off",
+                     help="offer TLS (STARTTLS), or require it before any other option (default: off)")
+    net.add_argument("--tls-certificates", metavar="DIR",
+                     help="directory with server-cert.pem, server-key.pem (and ca-cert.pem for --tls-verify-peer)")
+    net.add_argument("--tls-verify-peer", action="store_true",
+                     help="require client certificates signed by DIR/ca-cert.pem")
     p.set_defaults(handler=_handler)

@@ -18,6 +18,7 @@ __all__ = [
     "ListQuery",
     "NeedData",
     "Request",
+    "StartTLS",
 ]
 
 
@@ -113,6 +114,12 @@ class Disconnect:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class StartTLS:
+    """NBD_OPT_STARTTLS was acknowledged: send ``data_to_send()``, run the TLS handshake on the
+    transport as the server, then call ``tls_started()`` before anything else."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """The peer closed its end (EOF).  ``partial``: it stopped in the middle of a message."""
 
@@ -158,4 +165,4 @@ class Request:
     __hash__ = None  # type: ignore[assignment]
 
 
-Event = ExportQuery | ListQuery | Request | Disconnect | ConnectionClosed | NeedData
+Event = ExportQuery | ListQuery | Request | Disconnect | StartTLS | ConnectionClosed | NeedData

@@ -27,6 +27,7 @@ gives only ``NbdProtocolError``.
     GREETING --client flags--> OPTIONS --export/list option--> ANSWER --answered--> OPTIONS
                                   |                              |--GO acked / EXPORT_NAME--> TRANSMISSION
                                   |--ABORT--> DONE               |--EXPORT_NAME refused--> DONE
+                                  |--STARTTLS acked--> TLS --caller's handshake done--> OPTIONS
     TRANSMISSION --request--> TRANSMISSION --DISC--> DONE;   any state --EOF--> CLOSED
 
 Receiving follows ``asyncio.BufferedProtocol``: ``get_buffer()`` returns a writable memoryview to
@@ -63,6 +64,7 @@ from devmapper.nbd.events import (
     ExportQuery,
     ListQuery,
     Request,
+    StartTLS,
 )
 from devmapper.nbd.wire import (
     BASE_ALLOCATION,
@@ -124,6 +126,9 @@ __all__ = [
     "NEED_DATA",
     "STATE_HOLE",
     "STATE_ZERO",
+    "TLS_OFF",
+    "TLS_ON",
+    "TLS_REQUIRE",
     "Cmd",
     "CmdFlag",
     "ConnectionClosed",
@@ -141,6 +146,7 @@ __all__ = [
     "ReplyType",
     "Request",
     "ServerConnection",
+    "StartTLS",
     "State",
     "TxFlag",
     "nbd_errno",
@@ -153,6 +159,7 @@ class State(enum.Enum):
     GREETING = "greeting"  # greeting queued; waiting for the client flags
     OPTIONS = "options"  # option haggling
     ANSWER = "answer"  # an ExportQuery/ListQuery is out; waiting for our caller's answer
+    TLS = "tls"  # STARTTLS acknowledged; waiting for our caller's TLS handshake
     TRANSMISSION = "transmission"
     DONE = "done"  # soft disconnect (ABORT/DISC) or refused EXPORT_NAME: close
     CLOSED = "closed"  # peer EOF
@@ -164,13 +171,16 @@ _TRANSITIONS: dict[tuple[State, str], State] = {
     (State.OPTIONS, "option_answered_here"): State.OPTIONS,
     (State.OPTIONS, "option_needs_answer"): State.ANSWER,
     (State.OPTIONS, "abort"): State.DONE,
+    (State.OPTIONS, "starttls"): State.TLS,
+    (State.OPTIONS, "tls_required_export_name"): State.DONE,
+    (State.TLS, "tls_started"): State.OPTIONS,
     (State.ANSWER, "answered"): State.OPTIONS,
     (State.ANSWER, "go"): State.TRANSMISSION,
     (State.ANSWER, "export_name_refused"): State.DONE,
     (State.TRANSMISSION, "request"): State.TRANSMISSION,
     (State.TRANSMISSION, "disc"): State.DONE,
 }
-for _s in (State.GREETING, State.OPTIONS, State.ANSWER, State.TRANSMISSION):
+for _s in (State.GREETING, State.OPTIONS, State.ANSWER, State.TLS, State.TRANSMISSION):
     _TRANSITIONS[(_s, "eof")] = State.CLOSED
     _TRANSITIONS[(_s, "protocol_error")] = State.ERROR
 
@@ -197,6 +207,8 @@ _SCRATCH = 64 << 10
 
 Allocator = Callable[[int], bytearray]
 
+TLS_OFF, TLS_ON, TLS_REQUIRE = "off", "on", "require"  # the server's TLS policy (nbdkit's --tls)
+
 
 def _decode_string(raw: bytes | bytearray | memoryview) -> str | None:
     """A protocol string, or None when it breaks proto.md's rules (UTF-8, no NUL, <= 4096 bytes)."""
@@ -214,10 +226,16 @@ class ServerConnection:
 
     ``buffer_size`` is the header buffer (requests are parsed from it; it also receives the start of
     payloads); ``allocator(n)`` makes the buffer for an n-byte WRITE payload (``bytearray`` by
-    default; a server may pool buffers).
+    default; a server may pool buffers).  ``tls``: ``TLS_OFF`` refuses STARTTLS, ``TLS_ON`` offers
+    it, ``TLS_REQUIRE`` refuses every option but STARTTLS and ABORT until TLS is active (and ends the
+    session on EXPORT_NAME, which cannot be refused), as proto.md's "TLS-only" mode.
     """
 
-    def __init__(self, buffer_size: int = 64 << 10, allocator: Allocator = bytearray) -> None:
+    def __init__(self, buffer_size: int = 64 << 10, allocator: Allocator = bytearray, tls: str = TLS_OFF) -> None:
+        if tls not in (TLS_OFF, TLS_ON, TLS_REQUIRE):
+            raise LocalProtocolError(f"TLS policy {tls!r} is not off, on or require")
+        self.tls = tls
+        self.tls_active = False
         self.state = State.GREETING
         self.structured = False
         self.no_zeroes = False
@@ -431,6 +449,11 @@ class ServerConnection:
 
     def _option(self, option: int, data: bytes) -> Event | None:
         """Decide one whole option: an event for our caller, or None when answered here."""
+        if self.tls == TLS_REQUIRE and not self.tls_active and option not in (Opt.STARTTLS, Opt.ABORT):
+            if option == Opt.EXPORT_NAME:
+                self._transition("tls_required_export_name")  # proto.md: it cannot be refused
+                return Disconnect("NBD_OPT_EXPORT_NAME before TLS")
+            return self._refuse(option, Rep.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
         handler = _OPTION_HANDLERS.get(option)
         if handler is None:
             self._reply_option(option, Rep.ERR_UNSUP, f"option {option} is not supported".encode())
@@ -453,6 +476,33 @@ class ServerConnection:
         if data:
             return self._refuse(option, Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
         return self._ask(ListQuery())
+
+    def _opt_starttls(self, option: int, data: bytes) -> Event | None:
+        if self.tls == TLS_OFF:
+            return self._refuse(option, Rep.ERR_UNSUP, "TLS is not configured on this server")
+        if data:
+            return self._refuse(option, Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        if self.tls_active:
+            return self._refuse(option, Rep.ERR_INVALID, "TLS is already active")
+        if self._end > self._start:
+            raise self._remote_error("data after NBD_OPT_STARTTLS, before the TLS handshake")
+        self._reply_option(option, Rep.ACK)
+        self._transition("starttls")
+        return StartTLS()
+
+    def tls_started(self) -> None:
+        """Our caller finished the TLS handshake after ``StartTLS``; option haggling goes on.  What was
+        negotiated in clear text is forgotten (proto.md: it MUST be negotiated again)."""
+        if self.state is not State.TLS:
+            raise LocalProtocolError("no STARTTLS is waiting for its handshake")
+        self.tls_active = True
+        self.structured = False
+        self.contexts = {}
+        self._meta_export = None
+        self._transition("tls_started")
+
+    def _read_tls_pending(self) -> Event:
+        raise LocalProtocolError("next_event called before tls_started")
 
     def _opt_structured_reply(self, option: int, data: bytes) -> Event | None:
         if data:
@@ -746,6 +796,7 @@ _READERS: dict[State, Callable[[ServerConnection], Event]] = {
     State.GREETING: ServerConnection._read_client_flags,
     State.OPTIONS: ServerConnection._read_option,
     State.ANSWER: ServerConnection._read_answer_pending,
+    State.TLS: ServerConnection._read_tls_pending,
     State.TRANSMISSION: ServerConnection._read_request,
 }
 
@@ -756,6 +807,7 @@ _OPTION_HANDLERS: dict[int, Callable[[ServerConnection, int, bytes], Event | Non
     Opt.INFO: ServerConnection._opt_info_go,
     Opt.GO: ServerConnection._opt_info_go,
     Opt.STRUCTURED_REPLY: ServerConnection._opt_structured_reply,
+    Opt.STARTTLS: ServerConnection._opt_starttls,
     Opt.LIST_META_CONTEXT: ServerConnection._opt_meta_context,
     Opt.SET_META_CONTEXT: ServerConnection._opt_meta_context,
 }

@@ -43,6 +43,12 @@ FLUSH on a read-only export does nothing.  ``CAN_MULTI_CONN`` is advertised (unl
 every connection calls the same export object, whose ``flush`` covers all completed writes, so a
 flush on one connection makes writes acknowledged on any connection durable.
 
+TLS (``tls=`` an ``ssl.SSLContext`` for the server side): NBD_OPT_STARTTLS is offered, or with
+``tls_required`` demanded before any other option (proto.md's TLS-only mode); the handshake runs on
+the reader thread and the socket is wrapped from then on.  A TLS connection runs every request
+inline (no workers) and sends with ``sendall``: an ``SSLSocket`` must not be used by two threads at
+once and has no ``sendmsg``.
+
 ``shutdown`` stops the acceptors, shuts the read side of every connection (in-flight requests
 finish and are answered), and waits for the threads.
 """
@@ -53,6 +59,7 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import stat
 import threading
 from collections.abc import Callable, Mapping
@@ -68,6 +75,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ExportRegistry", "NbdServer"]
 
 IOV_MAX = 1024
+TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take over the TLS handshake
 UNIX_SEND_BUFFER = 2 << 20  # SO_SNDBUF of unix connections (the kernel doubles it, capped by wmem_max)
 _READ, _WRITE, _FLUSH, _TRIM, _CACHE, _ZEROES, _BLOCK_STATUS = 0, 1, 3, 4, 5, 6, 7
 _FUA, _NO_HOLE, _REQ_ONE, _FAST_ZERO = 1, 2, 8, 16
@@ -169,12 +177,18 @@ class NbdServer:
         max_payload: int = p.DEFAULT_MAX_PAYLOAD,
         read_only: bool = False,
         multi_conn: bool = True,
+        tls: ssl.SSLContext | None = None,
+        tls_required: bool = False,
     ) -> None:
         self.registry = _as_registry(exports)
         self.default_export = default_export
         self.workers = workers
         self.read_only = read_only
         self.multi_conn = multi_conn
+        if tls_required and tls is None:
+            raise DevmapperError("TLS cannot be required without a TLS context (certificates)")
+        self.tls = tls
+        self.tls_policy = p.TLS_OFF if tls is None else p.TLS_REQUIRE if tls_required else p.TLS_ON
         self._sizes = (min_block, preferred_block, max_payload)
         p.ExportInfo("", 0, min_block=min_block, preferred_block=preferred_block, max_payload=max_payload)
         self._lock = threading.Lock()
@@ -384,7 +398,8 @@ class _Connection:
         self.server = server
         self.sock = sock
         self.pool = _BufferPool()
-        self.proto = p.ServerConnection(allocator=self.pool.get)
+        self.proto = p.ServerConnection(allocator=self.pool.get, tls=server.tls_policy)
+        self._tls = False
         self.export: Export | None = None
         self.export_name: str | None = None
         self._readinto: Callable[[int, bytearray | memoryview], None] | None = None
@@ -457,6 +472,26 @@ class _Connection:
                 self._answer_export(event)
             elif isinstance(event, p.ListQuery):
                 self._answer_list()
+            elif isinstance(event, p.StartTLS):
+                self._start_tls()
+                proto, sock = self.proto, self.sock
+
+    def _start_tls(self) -> None:
+        """Send STARTTLS's acknowledgement, then run the TLS handshake as the server.  The socket is
+        wrapped for the rest of the connection, and everything then runs on the reader thread (an
+        ``SSLSocket`` must not be read and written from two threads at once)."""
+        out = self.proto.data_to_send()
+        if out:
+            self.sock.sendall(out)
+        assert self.server.tls is not None
+        self.sock.settimeout(TLS_HANDSHAKE_TIMEOUT)
+        try:
+            self.sock = self.server.tls.wrap_socket(self.sock, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            raise p.RemoteProtocolError(f"TLS handshake failed: {e}") from e
+        self.sock.settimeout(None)
+        self._tls = True
+        self.proto.tls_started()
 
     def _answer_export(self, query: p.ExportQuery) -> None:
         server, proto = self.server, self.proto
@@ -507,7 +542,7 @@ class _Connection:
         proto, batch = self.proto, self.BATCH
         out: Buffers = []
         recycle: list[bytearray] = []
-        use_workers = self.server.workers > 0
+        use_workers = self.server.workers > 0 and not self._tls
         request_type = p.Request
         pending = 0
         try:
@@ -537,12 +572,19 @@ class _Connection:
         with self._send_lock:
             if not self._dead:
                 try:
-                    _sendv(self.sock, bufs)
+                    self._sock_send(bufs)
                 except OSError as e:
                     self._dead = True
                     log.debug("NBD reply not sent: %s", e)
         for buf in recycle:
             self.pool.put(buf)
+
+    def _sock_send(self, bufs: Buffers) -> None:
+        """Send bufs in order (the caller holds the send lock)."""
+        if self._tls:
+            self.sock.sendall(b"".join(bufs))  # SSLSocket has no sendmsg
+        else:
+            _sendv(self.sock, bufs)
 
     def _submit(self, req: p.Request) -> None:
         with self._state_lock:
