@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from devmapper.errors import DeviceError
 from devmapper.thin.volume import ThinVolume
 from pool.support import BLOCK, PoolFiles, pattern
 
@@ -91,4 +92,34 @@ def test_a_hole_in_the_range_provisions_it(files: PoolFiles, puts: list[int]) ->
             want = pattern(1, BLOCK // 2) + pattern(3, 2 * BLOCK) + pattern(2, BLOCK)[BLOCK // 2 :]
             assert vol.read(0, 3 * BLOCK) == want
             assert vol.status().split()[0] == str(3 * 128)
+    files.check()
+
+
+def test_read_token_moves_with_every_change_even_a_failed_one(files: PoolFiles) -> None:
+    with files.open() as pool:
+        pool.create_thin(0)
+        with pool.open_thin(0, VOL_SECTORS) as vol:
+            seen = {vol.read_token()}
+
+            def moved() -> bool:
+                token = vol.read_token()
+                fresh = token not in seen
+                seen.add(token)
+                return fresh
+
+            vol.read(0, BLOCK)
+            assert not moved()  # reads change nothing
+            vol.write(0, pattern(1, 2 * BLOCK))
+            assert moved()
+            vol.write(BLOCK, pattern(2, 2 * BLOCK))  # the in-place path
+            assert moved()
+            vol.discard(0, BLOCK)
+            assert moved()
+            vol.write_zeroes(100, 200)
+            assert moved()
+            with pytest.raises(DeviceError):
+                vol.write(VOL_SECTORS * 512 - 10, b"x" * 20)  # beyond the end: refused before any change
+            assert not moved()
+            pool.commit()  # a commit that wrote moves the metadata epoch
+            assert moved()
     files.check()

@@ -73,6 +73,10 @@ class ThinExport:
         """Fill buf from offset (the NBD server's copy-saving path for large reads)."""
         self.volume.readinto(offset, buf)
 
+    def read_token(self) -> object:
+        """Changes whenever the volume's bytes may have (the NBD server's read-ahead checks it)."""
+        return self.volume.read_token()
+
     def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         self._writable()
         self.volume.write(offset, data, fua)

@@ -36,6 +36,15 @@ buffer of ``UNIX_SEND_BUFFER`` (as far as ``net.core.wmem_max`` allows): with th
 a 1 MiB reply is handed over in five steps, each waiting for the client to drain the socket
 (a cross-CPU wakeup), and sequential 1 MiB reads were ~10% slower.
 
+Read-ahead: when a READ of 256 KiB to 4 MiB continues the one before it, the reader thread reads
+the next range of the same length after sending the reply and before waiting for the next request,
+so the disk read overlaps the client taking in the reply (at queue depth 1 the two used to take
+turns).  The data is served only to a READ of exactly that range, and only if the export's
+``read_token()`` (an optional method; thin volumes change it with every write, discard,
+write-zeroes and metadata epoch) is what it was before the read-ahead started -- so a write
+acknowledged on any connection before that READ arrived is always seen.  Exports without
+``read_token`` get no read-ahead.
+
 Semantics that are ours, not the core's: TRIM is advisory, so an export that cannot discard
 (``ENOTSUP``) still gets success; WRITE_ZEROES with FAST_ZERO is refused with ENOTSUP only when
 NO_HOLE is also set (unmapping is fast, writing zeroes is not); CACHE is accepted and does nothing;
@@ -75,6 +84,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ExportRegistry", "NbdServer"]
 
 IOV_MAX = 1024
+READ_AHEAD_MIN, READ_AHEAD_MAX = 256 << 10, 4 << 20  # READ sizes that trigger read-ahead when sequential
 TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take over the TLS handshake
 UNIX_SEND_BUFFER = 2 << 20  # SO_SNDBUF of unix connections (the kernel doubles it, capped by wmem_max)
 _READ, _WRITE, _FLUSH, _TRIM, _CACHE, _ZEROES, _BLOCK_STATUS = 0, 1, 3, 4, 5, 6, 7
@@ -411,6 +421,11 @@ class _Connection:
         self._done = threading.Event()
         self._dead = False
         self._handlers: dict[int, Handler] = {}
+        self._read_token: Callable[[], object] | None = None  # the export's, when read-ahead is possible
+        self._read_end = -1  # where the reader thread's last READ ended, and its length
+        self._read_len = 0
+        self._sequential = False  # that READ continued the one before: read ahead before the next recv
+        self._ahead: tuple[int, bytearray, object] | None = None  # (offset, data, token) read ahead
 
     def stop_reading(self) -> None:
         try:
@@ -530,6 +545,9 @@ class _Connection:
         assert self.export is not None
         readinto = getattr(self.export, "readinto", None)
         self._readinto = readinto if callable(readinto) else None
+        read_token = getattr(self.export, "read_token", None)
+        if self._readinto is not None and callable(read_token):
+            self._read_token = read_token
         self._handlers = {
             _READ: self._do_read,
             _WRITE: self._do_write,
@@ -563,6 +581,8 @@ class _Connection:
                     self._send(out, recycle)
                     out, recycle, pending = [], [], 0
                 if event is p.NEED_DATA:
+                    if self._sequential and not proto.buffered():
+                        self._read_ahead()
                     self._recv()
         finally:
             if out:
@@ -624,6 +644,17 @@ class _Connection:
     def _do_read(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
         assert self.export is not None
         n = req.length
+        if self._read_token is not None and not req.flags & _FUA:  # the reader thread's own reads
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None:
+                offset, buf, token = ahead
+                if offset == req.offset and len(buf) == n and self._read_token() == token:
+                    self._note_read(offset, n)
+                    out += (self.proto.reply_read(req.cookie, offset, n), buf)
+                    recycle.append(buf)
+                    return
+                self.pool.put(buf)
+            self._note_read(req.offset, n)
         if self._readinto is not None and n >= _BufferPool.MIN:
             buf = self.pool.get(n)
             try:
@@ -639,6 +670,32 @@ class _Connection:
             out.append(self.proto.reply_error(req.cookie, _EIO, f"short read: {len(data)} of {n} bytes"))
             return
         out += (self.proto.reply_read(req.cookie, req.offset, n), data)
+
+    def _note_read(self, offset: int, n: int) -> None:
+        self._sequential = offset == self._read_end and READ_AHEAD_MIN <= n <= READ_AHEAD_MAX
+        self._read_end, self._read_len = offset + n, n
+
+    def _read_ahead(self) -> None:
+        """Read the range after a sequential READ while the client is still taking in the reply;
+        served only if the next READ asks for exactly it and the export's ``read_token`` has not
+        changed since (no write, discard or remap could have touched it)."""
+        assert self._read_token is not None and self._readinto is not None and self.export is not None
+        self._sequential = False
+        offset, n = self._read_end, self._read_len
+        try:
+            if offset + n > self.export.size():
+                return
+            token = self._read_token()
+            buf = self.pool.get(n)
+            try:
+                self._readinto(offset, buf)
+            except BaseException:
+                self.pool.put(buf)
+                raise
+        except Exception as e:
+            log.debug("NBD read-ahead skipped: %s", e)
+            return
+        self._ahead = (offset, buf, token)
 
     def _do_write(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
         assert self.export is not None and req.payload is not None

@@ -46,6 +46,7 @@ which commits, queues or raises according to the pool's mode and no-space policy
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,7 @@ from devmapper.units import SECTOR_SIZE
 if TYPE_CHECKING:
     from devmapper.thin.pool import Pool
 
+_GENERATIONS = itertools.count()  # unique values for ThinVolume._generation (see read_token)
 UNMAP_BATCH = 4096  # virtual blocks examined (and at most locked) per discard step
 
 Buffer = bytes | bytearray | memoryview
@@ -121,6 +123,7 @@ class ThinVolume:
         self._table = ThinTable(pool_dev, dev_id, origin_dev)
         self._bs = pool.block_bytes
         self._closed = False
+        self._generation = next(_GENERATIONS)  # see read_token
 
     def __enter__(self) -> ThinVolume:
         return self
@@ -274,12 +277,22 @@ class ThinVolume:
         """Write data at offset; with fua it is durable (mapping included) on return."""
         mv = memoryview(data).cast("B")
         self._check(offset, len(mv))
-        several = len(mv) > self._bs - offset % self._bs
-        if not (several and self._write_in_place(offset, mv, fua)):
-            for vblock, within, pos, n in self._pieces(offset, len(mv)):
-                self._put(vblock, within, mv[pos : pos + n], fua)
+        try:
+            several = len(mv) > self._bs - offset % self._bs
+            if not (several and self._write_in_place(offset, mv, fua)):
+                for vblock, within, pos, n in self._pieces(offset, len(mv)):
+                    self._put(vblock, within, mv[pos : pos + n], fua)
+        finally:
+            self._generation = next(_GENERATIONS)
         if fua:
             self._complete_fua()
+
+    def read_token(self) -> tuple[int, int]:
+        """A value that changes whenever this volume's bytes may have changed: after every write,
+        discard or write-zeroes (whether it succeeded or not) and with the metadata's ``epoch``.
+        Bytes read after taking a token are still the volume's bytes while the token is unchanged
+        (the NBD server's read-ahead relies on it)."""
+        return self._generation, self.pool.md.epoch
 
     def _write_in_place(self, offset: int, mv: memoryview, fua: bool) -> bool:
         """A write across several blocks that are all mapped and unshared, at the cost of one: one
@@ -404,7 +417,10 @@ class ThinVolume:
         if pool.mode >= PoolMode.OUT_OF_METADATA_SPACE:
             return  # read-only pools complete discards without doing anything
         begin, end = -(-offset // self._bs), (offset + length) // self._bs
-        self._unmap(begin, end, pool.discard_passdown)
+        try:
+            self._unmap(begin, end, pool.discard_passdown)
+        finally:
+            self._generation = next(_GENERATIONS)
 
     def write_zeroes(self, offset: int, length: int, fua: bool = False, unmap: bool = True) -> None:
         """Make the range read as zeroes; whole blocks are unmapped when that is equivalent and unmap."""
@@ -412,12 +428,15 @@ class ThinVolume:
         bs, pool = self._bs, self.pool
         begin, end = -(-offset // bs), (offset + length) // bs
         can_unmap = unmap and self.origin is None and pool.mode < PoolMode.OUT_OF_METADATA_SPACE
-        if begin >= end or not can_unmap:
-            self._zero_pieces(offset, length)
-        else:
-            self._zero_pieces(offset, begin * bs - offset)
-            self._unmap(begin, end, pool.discard_enabled and pool.discard_passdown)
-            self._zero_pieces(end * bs, offset + length - end * bs)
+        try:
+            if begin >= end or not can_unmap:
+                self._zero_pieces(offset, length)
+            else:
+                self._zero_pieces(offset, begin * bs - offset)
+                self._unmap(begin, end, pool.discard_enabled and pool.discard_passdown)
+                self._zero_pieces(end * bs, offset + length - end * bs)
+        finally:
+            self._generation = next(_GENERATIONS)
         if fua:
             pool.flush_device(self.dev_id)
 
