@@ -1,4 +1,4 @@
-"""``devmapper thin ...``: check, dump, restore, ls, delta and metadata-size.
+"""``devmapper thin ...``: check, dump, restore, repair, ls, delta and metadata-size.
 
 Flags, output and exit codes follow thin-provisioning-tools 0.9.0 (thin_check, thin_dump, ...), so
 scripts written for those tools work with ``devmapper thin <tool>`` in their place.  Input files are
@@ -157,6 +157,43 @@ def _restore(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+# -- repair ------------------------------------------------------------------------------------------
+
+
+def _repair(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from devmapper.thin.repair import salvage
+    from devmapper.thin.restore import RestoreEmitter
+
+    if not os.path.exists(args.output):
+        raise ToolError(f"{args.output}: output file does not exist; create it first (e.g. truncate -s 64M)")
+    if os.path.realpath(args.input) == os.path.realpath(args.output):
+        raise ToolError("the output must not be the input: repair writes fresh metadata elsewhere")
+    source = open_metadata(args.input)
+    try:
+        target = FileBlockDevice(args.output)
+    except BlockDeviceError as e:
+        source.close()
+        raise ToolError(str(e)) from e
+    emitter = RestoreEmitter(target)
+    bar = ProgressBar("salvaging", err)
+    bar.enabled = bar.enabled and not args.quiet
+    try:
+        report = salvage(source, emitter, progress=bar.update)
+    except BaseException:
+        emitter.fail()
+        target.close()
+        raise
+    finally:
+        bar.close()
+        source.close()
+    if not args.quiet:
+        for line in report.lines():
+            err.write(f"{line}\n")
+        err.write(f"repaired: {report.devices} devices, {report.mappings} mappings kept"
+                  f"{'' if report.clean else ' (see the losses above)'}\n")
+    return 0
+
+
 # -- ls ----------------------------------------------------------------------------------------------
 
 
@@ -233,6 +270,15 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="metadata file or device (must already exist)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(handler=_restore)
+
+    p = tools.add_parser("repair", help="salvage damaged metadata into fresh metadata (like thin_repair)",
+                         description="Read everything readable from damaged metadata (INPUT) and write it as "
+                                     "fresh, consistent metadata to OUTPUT, which must already exist. Damaged "
+                                     "nodes are skipped with everything below them; each loss is reported.")
+    p.add_argument("-i", "--input", required=True, help="the damaged metadata file or device (read only)")
+    p.add_argument("-o", "--output", required=True, help="metadata file or device to write (must already exist)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no report")
+    p.set_defaults(handler=_repair)
 
     p = tools.add_parser("ls", help="list devices with mapped/exclusive/shared usage (like thin_ls)")
     p.add_argument("device", help="metadata device or file")
