@@ -3,9 +3,14 @@ then equivalent to writing piece by piece (breaking sharing and provisioning go 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+from devmapper.blockdev.file import FileBlockDevice
 from devmapper.errors import DeviceError
+from devmapper.thin.data_device import DataDevice
 from devmapper.thin.volume import ThinVolume
 from pool.support import BLOCK, PoolFiles, pattern
 
@@ -122,4 +127,42 @@ def test_read_token_moves_with_every_change_even_a_failed_one(files: PoolFiles) 
             assert not moved()
             pool.commit()  # a commit that wrote moves the metadata epoch
             assert moved()
+    files.check()
+
+
+def test_cached_follows_the_page_cache(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    path.write_bytes(os.urandom(1 << 20))
+    data = DataDevice(FileBlockDevice(path))
+    try:
+        if not data.cached(0, 4096) and not data._cachestat:
+            pytest.skip("cachestat(2) is not available here")
+        os.fsync(data.fd)
+        os.posix_fadvise(data.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if data.cached(0, 4096):
+            pytest.skip("this file system keeps its pages in memory (tmpfs)")
+        assert not data.cached(0, 1 << 20)
+        os.pread(data.fd, 4096, 512 << 10)
+        assert data.cached(512 << 10, 4096) and not data.cached(0, 1 << 20)
+        os.preadv(data.fd, [bytearray(1 << 20)], 0)
+        assert data.cached(0, 1 << 20) and data.cached(100, 5000)
+        assert not data.cached(0, 0)
+    finally:
+        data.dev.close()
+
+
+def test_blocks_scattered_in_the_data_file_are_written_one_by_one_in_place(files: PoolFiles, puts: list[int]) -> None:
+    with files.open() as pool:
+        pool.create_thin(0)
+        with pool.open_thin(0, VOL_SECTORS) as vol:
+            for v in (3, 1, 2, 0):  # data blocks 0..3 hold vblocks 3, 1, 2, 0
+                vol.write(v * BLOCK, pattern(v, BLOCK))
+            _vblocks, blocks = pool.md.map_range(0, 0, 4)
+            assert blocks == [3, 1, 2, 0]
+            puts.clear()
+            new = pattern(9, 3 * BLOCK)
+            vol.write(BLOCK // 2, new)
+            assert puts == []
+            want = b"".join(pattern(v, BLOCK) for v in range(4))
+            assert vol.read(0, 4 * BLOCK) == want[: BLOCK // 2] + new + want[BLOCK // 2 + len(new) :]
     files.check()

@@ -71,6 +71,34 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
 _fallocate = _load_fallocate()
 
 
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_SYS_CACHESTAT = {"x86_64": 451, "aarch64": 451, "riscv64": 451}.get(os.uname().machine)
+
+
+def _load_syscall() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:
+        return None
+    fn = getattr(libc, "syscall", None)
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_long
+    return cast(Callable[..., int], fn)
+
+
+_syscall = _load_syscall() if _SYS_CACHESTAT is not None else None
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2); raises OSError (ENOSYS when libc has no fallocate)."""
     if _fallocate is None:
@@ -89,6 +117,7 @@ class DataDevice:
         self._copy_in_kernel = self.fd >= 0
         self._zero_range = self.fd >= 0
         self.can_punch = self.fd >= 0 or isinstance(dev, Discardable)
+        self._cachestat = self.fd >= 0 and _syscall is not None
 
     @property
     def name(self) -> str:
@@ -112,6 +141,18 @@ class DataDevice:
             self.read_into(offset + len(data), memoryview(buf)[len(data) :])
             return bytes(buf)
         return data
+
+    def cached(self, offset: int, length: int) -> bool:
+        """Whether every page of the range is in the page cache now (``cachestat(2)``, Linux 6.5+;
+        False where it is not available).  A write over cached pages allocates no new folios."""
+        if not self._cachestat or length <= 0:
+            return False
+        assert _syscall is not None and _SYS_CACHESTAT is not None
+        rng, st = _CachestatRange(offset, length), _Cachestat()
+        if _syscall(_SYS_CACHESTAT, self.fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
+            self._cachestat = False  # ENOSYS and friends: not here, do not ask again
+            return False
+        return int(st.nr_cache) >= (offset + length - 1) // _PAGE - offset // _PAGE + 1
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         """Fill buf from offset (buf lies within the device)."""

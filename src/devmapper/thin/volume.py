@@ -10,7 +10,9 @@ large folios it creates made later 1 MiB reads about a third faster, but random 
 the periodic commit's flush two to five times slower.)  A write across several blocks that are all
 mapped and unshared (the steady state of a written volume) skips the per-piece steps: one gate
 hold, its blocks' locks taken together in ascending order, one range lookup (``in_place_range``),
-then the same per-block ``pwritev`` calls.  Reads take no lock:
+then the same per-block ``pwritev`` calls -- or a single one when the blocks are consecutive in the
+data file and all its pages are in the page cache (``DataDevice.cached``): such a write creates no
+folios, so the folio sizes above are kept, and one call costs about 10% less than sixteen.  Reads take no lock:
 
 * read: one range lookup maps every block of the request; mapped -> the data blocks, consecutive
   ones with one ``preadv``; unmapped -> the external origin's bytes (zeroes past its end) or zeroes.
@@ -310,7 +312,11 @@ class ThinVolume:
                 blocks = pool.md.in_place_range(dev, first, last + 1)
                 if blocks is None:
                     return False
-                write, pos, length = pool.data.write, 0, len(mv)
+                data, pos, length = pool.data, 0, len(mv)
+                write, start = data.write, blocks[0] * bs + within
+                if blocks == list(range(blocks[0], blocks[0] + len(blocks))) and data.cached(start, length):
+                    write(start, [mv], fua)  # one stretch of cached pages: one call, and no new folios
+                    return True
                 for b in blocks:
                     n = min(bs - within, length - pos)
                     write(b * bs + within, [mv[pos : pos + n]], fua)
