@@ -11,12 +11,19 @@ from typing import Any
 import pytest
 
 from conftest import Serve
+from control.support import mgr_fixture, sparse
 from devmapper.cli.nbd import ThinExport
+from devmapper.control.manager import DeviceManager, DeviceRef
+from devmapper.control.nbd_exports import DeviceExports
+from devmapper.control.table import parse_table
 from devmapper.nbd import server as nbd_server
 from devmapper.thin.pool import Pool
+from devmapper.thin.volume import ThinVolume
 from pool.support import make_pool_files
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
+
+__all__ = ["mgr_fixture"]  # the in-process device manager fixture ("mgr")
 
 MiB = 1 << 20
 PIECE = 256 << 10  # the smallest READ that is read ahead
@@ -160,3 +167,36 @@ def test_read_ahead_stops_at_the_end_of_the_export(served: tuple[CountingExport,
 
 def test_the_sizes_that_trigger_read_ahead() -> None:
     assert nbd_server.READ_AHEAD_MIN == PIECE
+
+
+def test_daemon_exports_read_ahead_and_see_writes_through_another_device(
+    mgr: DeviceManager, tmp_path: Path, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meta, data = sparse(tmp_path / "meta", 8 * MiB), sparse(tmp_path / "data", 64 * MiB)
+    mgr.create("pool", table=parse_table(f"0 131072 thin-pool {meta} {data} 128 0"))
+    mgr.message(DeviceRef(name="pool"), 0, "create_thin 0")
+    mgr.create("thin", table=parse_table("0 8192 thin /dev/mapper/pool 0"))
+    mgr.create("again", table=parse_table("0 8192 thin /dev/mapper/pool 0"))  # the same thin
+    mgr.write(DeviceRef(name="thin"), 0, bytes([7]) * (4 * MiB))
+    calls: list[tuple[int, int]] = []
+    real = ThinVolume.readinto
+
+    def counting(self: ThinVolume, offset: int, buf: bytearray | memoryview) -> None:
+        calls.append((offset, len(buf)))
+        real(self, offset, buf)
+
+    monkeypatch.setattr(ThinVolume, "readinto", counting)
+    _server, path = serve(DeviceExports(mgr), workers=0)
+    h = nbd.NBD()
+    h.set_export_name("thin")
+    h.connect_unix(path)
+    h.pread(PIECE, 0)
+    h.pread(PIECE, PIECE)
+    deadline = time.monotonic() + 10
+    while (2 * PIECE, PIECE) not in calls:
+        assert time.monotonic() < deadline, calls
+        time.sleep(0.001)
+    mgr.write(DeviceRef(name="again"), 2 * PIECE + 4096, b"\xee" * 4096)
+    got = h.pread(PIECE, 2 * PIECE)
+    assert got[4096:8192] == b"\xee" * 4096 and got[:4096] == bytes([7]) * 4096
+    h.shutdown()

@@ -166,3 +166,17 @@ def test_blocks_scattered_in_the_data_file_are_written_one_by_one_in_place(files
             want = b"".join(pattern(v, BLOCK) for v in range(4))
             assert vol.read(0, 4 * BLOCK) == want[: BLOCK // 2] + new + want[BLOCK // 2 + len(new) :]
     files.check()
+
+
+def test_read_token_is_shared_by_every_volume_of_a_thin(files: PoolFiles) -> None:
+    with files.open() as pool:
+        pool.create_thin(0)
+        pool.create_thin(1)
+        with pool.open_thin(0, VOL_SECTORS) as a, pool.open_thin(0, VOL_SECTORS) as b, \
+                pool.open_thin(1, VOL_SECTORS) as other:
+            before = b.read_token()
+            other.write(0, b"x" * 512)  # another thin: not a change of thin 0
+            assert b.read_token() == before
+            a.write(0, b"y" * 512)
+            assert b.read_token() != before and b.read_token() == a.read_token()
+    files.check()

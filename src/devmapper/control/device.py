@@ -284,6 +284,21 @@ class MappedDevice:
                 target.readinto(within, view[pos : pos + n])
             return bytes(out)
 
+    def read_token(self) -> object | None:
+        """A value that changes whenever the device's bytes may have: the live table (a swap
+        changes it) and each target's own token; None when suspended, without a table, or when a
+        target cannot tell.  The NBD server serves read-ahead only while it is unchanged."""
+        table = self.live
+        if table is None or self._suspended:
+            return None
+        tokens = []
+        for target in table.targets:
+            token = target.read_token()
+            if token is None:
+                return None
+            tokens.append(token)
+        return table, id(table), tuple(tokens)
+
     def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         """Fill buf with the bytes at offset; each target reads straight into its part of it."""
         out = memoryview(buf).cast("B")
@@ -354,6 +369,10 @@ class DeviceView:
     def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         """Fill buf from offset (the NBD server's copy-saving path for large reads)."""
         self._dev().readinto(offset, buf)
+
+    def read_token(self) -> object | None:
+        """See ``MappedDevice.read_token`` (the NBD server's read-ahead checks it)."""
+        return self._dev().read_token()
 
     def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         self._dev().write(offset, data, fua)

@@ -41,7 +41,8 @@ the next range of the same length after sending the reply and before waiting for
 so the disk read overlaps the client taking in the reply (at queue depth 1 the two used to take
 turns).  The data is served only to a READ of exactly that range, and only if the export's
 ``read_token()`` (an optional method; thin volumes change it with every write, discard,
-write-zeroes and metadata epoch) is what it was before the read-ahead started -- so a write
+write-zeroes and metadata epoch; a mapped device also with its table, and answers None -- no
+read-ahead -- when it cannot tell) is what it was before the read-ahead started -- so a write
 acknowledged on any connection before that READ arrived is always seen.  Exports without
 ``read_token`` get no read-ahead.
 
@@ -686,6 +687,8 @@ class _Connection:
             if offset + n > self.export.size():
                 return
             token = self._read_token()
+            if token is None:
+                return  # the export cannot tell now whether its bytes change
             buf = self.pool.get(n)
             try:
                 self._readinto(offset, buf)

@@ -24,6 +24,7 @@ Use::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -66,6 +67,7 @@ R = TypeVar("R")
 
 NO_SPACE_TIMEOUT = 60.0  # seconds (module parameter no_space_timeout)
 COMMIT_PERIOD = 1.0  # seconds (COMMIT_PERIOD = HZ)
+_CHANGE_MARKS = itertools.count(1)  # unique marks for Pool.note_change (0: never changed)
 
 
 def _as_device(dev: DeviceArg, read_only: bool) -> BlockDevice:
@@ -119,6 +121,7 @@ class Pool(PoolEngine):
             commit_period=commit_period, on_event=on_event,
         )
         self._open_thins: dict[int, int] = {}
+        self._change_marks: dict[int, int] = {}  # thin id -> mark of its last change (see note_change)
 
     @classmethod
     def open(
@@ -316,6 +319,14 @@ class Pool(PoolEngine):
             self._open_thins[dev_id] = self._open_thins.get(dev_id, 0) + 1
         names = (pool_dev or self.name, None if origin is None else origin_dev or _name_of(origin, "origin"))
         return ThinVolume(self, dev_id, size_sectors, origin_data, names[0], names[1])
+
+    def note_change(self, dev_id: int) -> None:
+        """A write, discard or write-zeroes on thin dev_id finished (or failed part way): give it a
+        new, never used mark.  Thin volumes on the same id share it (``ThinVolume.read_token``)."""
+        self._change_marks[dev_id] = next(_CHANGE_MARKS)
+
+    def change_mark(self, dev_id: int) -> int:
+        return self._change_marks.get(dev_id, 0)
 
     def close_thin(self, dev_id: int) -> None:
         """Called by ``ThinVolume.close``."""

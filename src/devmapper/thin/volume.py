@@ -48,7 +48,6 @@ which commits, queues or raises according to the pool's mode and no-space policy
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Hashable, Iterator
 from typing import TYPE_CHECKING
 
@@ -61,7 +60,6 @@ from devmapper.units import SECTOR_SIZE
 if TYPE_CHECKING:
     from devmapper.thin.pool import Pool
 
-_GENERATIONS = itertools.count()  # unique values for ThinVolume._generation (see read_token)
 UNMAP_BATCH = 4096  # virtual blocks examined (and at most locked) per discard step
 
 Buffer = bytes | bytearray | memoryview
@@ -125,7 +123,6 @@ class ThinVolume:
         self._table = ThinTable(pool_dev, dev_id, origin_dev)
         self._bs = pool.block_bytes
         self._closed = False
-        self._generation = next(_GENERATIONS)  # see read_token
 
     def __enter__(self) -> ThinVolume:
         return self
@@ -285,16 +282,17 @@ class ThinVolume:
                 for vblock, within, pos, n in self._pieces(offset, len(mv)):
                     self._put(vblock, within, mv[pos : pos + n], fua)
         finally:
-            self._generation = next(_GENERATIONS)
+            self.pool.note_change(self.dev_id)
         if fua:
             self._complete_fua()
 
     def read_token(self) -> tuple[int, int]:
         """A value that changes whenever this volume's bytes may have changed: after every write,
-        discard or write-zeroes (whether it succeeded or not) and with the metadata's ``epoch``.
+        discard or write-zeroes through any volume of this thin id (whether it succeeded or not)
+        and with the metadata's ``epoch``.
         Bytes read after taking a token are still the volume's bytes while the token is unchanged
         (the NBD server's read-ahead relies on it)."""
-        return self._generation, self.pool.md.epoch
+        return self.pool.change_mark(self.dev_id), self.pool.md.epoch
 
     def _write_in_place(self, offset: int, mv: memoryview, fua: bool) -> bool:
         """A write across several blocks that are all mapped and unshared, at the cost of one: one
@@ -426,7 +424,7 @@ class ThinVolume:
         try:
             self._unmap(begin, end, pool.discard_passdown)
         finally:
-            self._generation = next(_GENERATIONS)
+            self.pool.note_change(self.dev_id)
 
     def write_zeroes(self, offset: int, length: int, fua: bool = False, unmap: bool = True) -> None:
         """Make the range read as zeroes; whole blocks are unmapped when that is equivalent and unmap."""
@@ -442,7 +440,7 @@ class ThinVolume:
                 self._unmap(begin, end, pool.discard_enabled and pool.discard_passdown)
                 self._zero_pieces(end * bs, offset + length - end * bs)
         finally:
-            self._generation = next(_GENERATIONS)
+            self.pool.note_change(self.dev_id)
         if fua:
             pool.flush_device(self.dev_id)
 

@@ -119,6 +119,11 @@ class Target:
     def read(self, offset: int, length: int) -> bytes:
         raise DmError("EIO", f"{self.type_name}: I/O error")
 
+    def read_token(self) -> object | None:
+        """A value that changes whenever this target's bytes may have changed, or None when the
+        target cannot tell (the default: its backing may be written behind our back)."""
+        return None
+
     def readinto(self, offset: int, out: memoryview) -> None:
         """Fill out (a writable byte view) with the bytes at offset; targets that can read straight
         into it override this (the default copies what ``read`` returns)."""

@@ -27,6 +27,9 @@ class ZeroTarget(Target):
     def read(self, offset: int, length: int) -> bytes:
         return bytes(length)
 
+    def read_token(self) -> object | None:
+        return 0  # always zeroes
+
     def readinto(self, offset: int, out: memoryview) -> None:
         zero_fill(out)
 

@@ -187,6 +187,11 @@ class ThinTarget(Target):
     def readinto(self, offset: int, out: memoryview) -> None:
         self._io(lambda: self.volume.readinto(offset, out))
 
+    def read_token(self) -> object | None:
+        """The thin's own (every writer of this thin id moves it); None with an external origin,
+        whose device we do not watch."""
+        return None if self.origin is not None else self.volume.read_token()
+
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self._io(lambda: self.volume.write(offset, data, fua))
 
