@@ -137,10 +137,11 @@ def test_nbdcopy_round_trip(target: Target, tmp_path: Path) -> None:
 
 def test_fio_nbd_engine_verify(target: Target) -> None:
     args = ["fio", "--name=verify", "--ioengine=nbd", f"--uri={target.uri}", "--rw=randwrite", "--bs=4k",
-            "--size=8M", "--iodepth=16", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1"]
+            "--size=8M", "--iodepth=16", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+            "--verify_state_save=0"]
     run_tool(args)
     seq = ["fio", "--name=seq", "--ioengine=nbd", f"--uri={target.uri}", "--rw=write", "--bs=1M", "--size=16M",
-           "--offset=16M", "--iodepth=4", "--verify=crc32c", "--verify_fatal=1"]
+           "--offset=16M", "--iodepth=4", "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0"]
     run_tool(seq)
 
 
