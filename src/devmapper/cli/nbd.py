@@ -41,15 +41,13 @@ from devmapper.units import METADATA_BLOCK_SIZE, SECTOR_SIZE, parse_size
 Buffer = bytes | bytearray | memoryview
 
 
-class ThinExport:
-    """A ``ThinVolume`` as an ``Export``; block status comes from the pool's mappings (unmapped
-    blocks are holes that read as zeroes, or origin data when the thin has an external origin)."""
+class _Named:
+    """The name, read-only flag and description every export of this command has."""
 
-    def __init__(self, volume: ThinVolume, name: str, read_only: bool = False) -> None:
-        self.volume = volume
+    def __init__(self, name: str, read_only: bool, description: str) -> None:
         self._name = name
         self._read_only = read_only
-        self.description = f"thin device {volume.dev_id} of {volume.pool.name}"
+        self.description = description
 
     @property
     def name(self) -> str:
@@ -58,6 +56,15 @@ class ThinExport:
     @property
     def read_only(self) -> bool:
         return self._read_only
+
+
+class ThinExport(_Named):
+    """A ``ThinVolume`` as an ``Export``; block status comes from the pool's mappings (unmapped
+    blocks are holes that read as zeroes, or origin data when the thin has an external origin)."""
+
+    def __init__(self, volume: ThinVolume, name: str, read_only: bool = False) -> None:
+        super().__init__(name, read_only, f"thin device {volume.dev_id} of {volume.pool.name}")
+        self.volume = volume
 
     def size(self) -> int:
         return self.volume.size
@@ -115,23 +122,13 @@ class ThinExport:
         self.volume.close()
 
 
-class FileExport:
+class FileExport(_Named):
     """A regular file or block device node as an ``Export`` (holes found with SEEK_DATA/SEEK_HOLE)."""
 
     def __init__(self, path: str, name: str, read_only: bool = False) -> None:
-        self._name = name
-        self._read_only = read_only
-        self.description = f"file {path}"
+        super().__init__(name, read_only, f"file {path}")
         self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
 
     def size(self) -> int:
         return os.lseek(self._fd, 0, os.SEEK_END)
