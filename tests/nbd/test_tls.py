@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -250,3 +251,29 @@ def test_nbd_command_checks_its_tls_options(tmp_path: Path) -> None:
     run = subprocess.run([*base, "--tls", "on", "--tls-certificates", str(tmp_path)], capture_output=True, text=True,
                          timeout=60)
     assert run.returncode != 0 and "server-cert.pem" in run.stderr
+
+
+def test_a_broken_handshake_closes_only_that_connection(serve: Serve, pki: Path) -> None:
+    _server, path = serve({"disk": MemoryExport(MiB, "disk")}, tls=server_context(pki), tls_required=True)
+    raw = socket.socket(socket.AF_UNIX)
+    raw.settimeout(30)
+    raw.connect(path)
+    assert len(raw.recv(GREETING_LEN, socket.MSG_WAITALL)) == GREETING_LEN
+    raw.sendall(wire.client_flags(3) + wire.option(Opt.STARTTLS))
+    reply = raw.recv(20, socket.MSG_WAITALL)
+    assert [(r.option, r.type) for r in wire.parse_option_replies(reply)] == [(Opt.STARTTLS, Rep.ACK)]
+    raw.sendall(b"this is not a TLS client hello" * 10)
+    try:
+        while raw.recv(4096):  # perhaps a TLS alert, then the server hangs up
+            pass
+    except ConnectionResetError:
+        pass
+    raw.close()
+    nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
+    h = nbd.NBD()
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_certificates(str(pki))
+    h.set_export_name("disk")
+    h.connect_unix(path)  # the server still serves
+    assert h.get_size() == MiB
+    h.shutdown()
