@@ -24,6 +24,12 @@ Contract:
   report one data extent.
 * ``close`` releases the handle (the device's open count drops); the object is unusable after it.
 
+Optional fast paths an adapter looks for with ``getattr`` (an export need not have them):
+``readinto(offset, buf)`` fills a caller's buffer; ``read_token()`` returns a value that changes
+whenever the export's bytes may have (None: cannot tell), so read-ahead can be trusted;
+``write_target(offset, length)`` is a context manager yielding a writable view of the storage for a
+write of that range (or None), held for the write while the view is in use.
+
 Threading: an export may be called from several threads at once; each call is independent.
 """
 

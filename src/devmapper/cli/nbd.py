@@ -25,7 +25,7 @@ import signal
 import stat
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any, TextIO
 
 from devmapper.errors import DeviceError, ToolError
@@ -79,6 +79,11 @@ class ThinExport(_Named):
     def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         """Fill buf from offset (the NBD server's copy-saving path for large reads)."""
         self.volume.readinto(offset, buf)
+
+    def write_target(self, offset: int, length: int) -> AbstractContextManager[memoryview | None]:
+        """Where a WRITE's payload may be received straight into (see ``ThinVolume.write_target``)."""
+        self._writable()
+        return self.volume.write_target(offset, length)
 
     def read_token(self) -> object:
         """Changes whenever the volume's bytes may have (the NBD server's read-ahead checks it)."""

@@ -330,6 +330,16 @@ class ServerConnection:
         else:
             self._end += nbytes
 
+    def partial_payload(self) -> tuple[Request, memoryview, int] | None:
+        """While a valid WRITE's payload is still arriving: (its request, the payload buffer, bytes
+        received so far).  A caller may take the rest of the payload elsewhere and account for it
+        with ``buffer_updated`` (the payload buffer then holds only the first bytes); the request
+        still comes out of ``next_event`` once all of it is counted."""
+        if self._mode != _MODE_PAYLOAD:
+            return None
+        assert self._held is not None and self._payload_view is not None
+        return self._held, self._payload_view, self._filled
+
     def buffered(self) -> int:
         """Bytes received but not parsed yet (more requests may be waiting in them)."""
         return self._end - self._start

@@ -46,6 +46,17 @@ read-ahead -- when it cannot tell) is what it was before the read-ahead started 
 acknowledged on any connection before that READ arrived is always seen.  Exports without
 ``read_token`` get no read-ahead.
 
+Direct writes: when a WRITE of at least ``DIRECT_MIN`` bytes (without FUA, not over TLS) is still
+arriving and the export offers ``write_target(offset, length)`` -- a context manager yielding a
+writable view of its storage for the range, or None (thin volumes: mapped, unshared blocks,
+consecutive and cached in the data file, held under their locks) -- the rest of the payload is
+received straight into that view: one copy instead of two, and no page-cache write path.  The
+protocol core only counts those bytes (``partial_payload``).  A client that stalls keeps the
+blocks at most ``DIRECT_BUDGET`` seconds; then the locks go and the rest of the payload is received
+and written the ordinary way (the write is not acknowledged before all of it is in place, so a
+reader in between sees a write in progress, as NBD allows).  A client that vanishes mid-payload
+leaves a partly written range, as an interrupted write on any disk does.
+
 Semantics that are ours, not the core's: TRIM is advisory, so an export that cannot discard
 (``ENOTSUP``) still gets success; WRITE_ZEROES with FAST_ZERO is refused with ENOTSUP only when
 NO_HOLE is also set (unmapping is fast, writing zeroes is not); CACHE is accepted and does nothing;
@@ -72,7 +83,9 @@ import socket
 import ssl
 import stat
 import threading
+import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from queue import SimpleQueue
 from typing import Protocol
 
@@ -86,6 +99,8 @@ __all__ = ["ExportRegistry", "NbdServer"]
 
 IOV_MAX = 1024
 READ_AHEAD_MIN, READ_AHEAD_MAX = 256 << 10, 4 << 20  # READ sizes that trigger read-ahead when sequential
+DIRECT_MIN = 256 << 10  # WRITE payloads at least this long may be received straight into storage
+DIRECT_BUDGET = 0.5  # seconds a direct receive may hold the blocks; then the rest goes the usual way
 TLS_HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take over the TLS handshake
 UNIX_SEND_BUFFER = 2 << 20  # SO_SNDBUF of unix connections (the kernel doubles it, capped by wmem_max)
 _READ, _WRITE, _FLUSH, _TRIM, _CACHE, _ZEROES, _BLOCK_STATUS = 0, 1, 3, 4, 5, 6, 7
@@ -190,12 +205,14 @@ class NbdServer:
         multi_conn: bool = True,
         tls: ssl.SSLContext | None = None,
         tls_required: bool = False,
+        direct_writes: bool = True,
     ) -> None:
         self.registry = _as_registry(exports)
         self.default_export = default_export
         self.workers = workers
         self.read_only = read_only
         self.multi_conn = multi_conn
+        self.direct_writes = direct_writes
         if tls_required and tls is None:
             raise DevmapperError("TLS cannot be required without a TLS context (certificates)")
         self.tls = tls
@@ -422,6 +439,9 @@ class _Connection:
         self._done = threading.Event()
         self._dead = False
         self._handlers: dict[int, Handler] = {}
+        self._write_target: Callable[[int, int], AbstractContextManager[memoryview | None]] | None = None
+        self._direct_req: p.Request | None = None  # the WRITE whose payload went (partly) direct
+        self._direct_done = 0  # how many of its bytes
         self._read_token: Callable[[], object] | None = None  # the export's, when read-ahead is possible
         self._read_end = -1  # where the reader thread's last READ ended, and its length
         self._read_len = 0
@@ -464,6 +484,41 @@ class _Connection:
     def _recv(self) -> None:
         proto = self.proto
         proto.buffer_updated(self.sock.recv_into(proto.get_buffer()))
+        if self._write_target is not None:
+            partial = proto.partial_payload()
+            if partial is not None and partial[0] is not self._direct_req:
+                self._receive_direct(*partial)
+
+    def _receive_direct(self, req: p.Request, payload: memoryview, filled: int) -> None:
+        """Receive the rest of a large WRITE payload straight into the export's storage when it
+        offers a ``write_target`` for the range (see "Direct writes")."""
+        self._direct_req, self._direct_done = req, 0
+        if req.flags & _FUA or req.length < DIRECT_MIN:
+            return
+        assert self._write_target is not None
+        sock, got, eof = self.sock, filled, False
+        with self._write_target(req.offset, req.length) as target:
+            if target is None:
+                return
+            target[:filled] = payload[:filled]
+            deadline = time.monotonic() + DIRECT_BUDGET
+            try:
+                while got < req.length:
+                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                    n = sock.recv_into(target[got:])
+                    if not n:
+                        eof = True
+                        break
+                    got += n
+            except TimeoutError:
+                pass  # a slow client: the rest goes the ordinary way, without holding the blocks
+            finally:
+                sock.settimeout(None)
+        self._direct_done = got
+        if got > filled:
+            self.proto.buffer_updated(got - filled)  # counted, not copied: the bytes are in place
+        if eof:
+            self.proto.buffer_updated(0)
 
     # -- handshake ----------------------------------------------------------------------------
 
@@ -546,6 +601,9 @@ class _Connection:
         assert self.export is not None
         readinto = getattr(self.export, "readinto", None)
         self._readinto = readinto if callable(readinto) else None
+        write_target = getattr(self.export, "write_target", None)
+        if callable(write_target) and not self._tls and self.server.direct_writes:
+            self._write_target = write_target
         read_token = getattr(self.export, "read_token", None)
         if self._readinto is not None and callable(read_token):
             self._read_token = read_token
@@ -702,8 +760,12 @@ class _Connection:
 
     def _do_write(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
         assert self.export is not None and req.payload is not None
+        done = 0
+        if req is self._direct_req:
+            done, self._direct_req = self._direct_done, None
         try:
-            self.export.write(req.offset, req.payload, bool(req.flags & _FUA))
+            if done < req.length:
+                self.export.write(req.offset + done, memoryview(req.payload)[done:], bool(req.flags & _FUA))
         finally:
             self.pool.put(req.payload)  # the export has copied what it needed
         out.append(self.proto.reply_ok(req.cookie))

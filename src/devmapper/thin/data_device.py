@@ -28,6 +28,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
 from collections.abc import Callable
 from typing import Protocol, cast, runtime_checkable
@@ -118,6 +119,7 @@ class DataDevice:
         self._zero_range = self.fd >= 0
         self.can_punch = self.fd >= 0 or isinstance(dev, Discardable)
         self._cachestat = self.fd >= 0 and _syscall is not None
+        self._mmap: mmap.mmap | None = None
 
     @property
     def name(self) -> str:
@@ -268,7 +270,26 @@ class DataDevice:
         fn = getattr(self.dev, "allocated_bytes", None)
         return int(fn()) if callable(fn) else None
 
+    def mapped(self, offset: int, length: int) -> memoryview | None:
+        """A writable view of [offset, offset + length) of the data file through a shared mmap, or
+        None where there is no file descriptor (or mmap fails).  Bytes stored there are written as
+        by ``write`` (the page cache is the same); the caller holds whatever makes the range its
+        own.  The map covers the file as it is; a longer file is mapped again."""
+        if self.fd < 0:
+            return None
+        m = self._mmap
+        if m is None or offset + length > len(m):
+            try:
+                m = mmap.mmap(self.fd, 0)
+            except (OSError, ValueError):
+                return None
+            self._mmap = m  # views of an older map keep it alive until they are released
+        if offset + length > len(m):
+            return None
+        return memoryview(m)[offset : offset + length]
+
     def close(self) -> None:
+        self._mmap = None
         self.dev.close()
 
 

@@ -49,6 +49,7 @@ which commits, queues or raises according to the pool's mode and no-space policy
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from devmapper.errors import BlockDeviceError, DeviceError, NoSpaceError
@@ -285,6 +286,37 @@ class ThinVolume:
             self.pool.note_change(self.dev_id)
         if fua:
             self._complete_fua()
+
+    @contextmanager
+    def write_target(self, offset: int, length: int) -> Iterator[memoryview | None]:
+        """For a write of [offset, offset + length) whose blocks are all mapped, unshared,
+        consecutive in the data file and cached: hold them as ``_write_in_place`` does (gate and
+        block locks) and yield a writable view of the data file over the range, so the caller can
+        put the bytes there itself (the NBD server receives a payload straight into it); yield
+        None otherwise (then use ``write``).  The range counts as changed afterwards, however much
+        of it was written."""
+        self._check(offset, length)
+        pool, bs, dev = self.pool, self._bs, self.dev_id
+        first, within = divmod(offset, bs)
+        last = (offset + length - 1) // bs
+        keys: list[Hashable] = [(dev, v) for v in range(first, last + 1)]
+        view = None
+        pool.gate.acquire_shared()
+        try:
+            entries = pool.locks.acquire_many(keys)
+            try:
+                blocks = pool.md.in_place_range(dev, first, last + 1)
+                start = -1 if blocks is None else blocks[0] * bs + within
+                consecutive = blocks is not None and blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+                if consecutive and pool.data.cached(start, length):
+                    view = pool.data.mapped(start, length)
+                yield view
+            finally:
+                if view is not None:
+                    pool.note_change(dev)
+                pool.locks.release_many(keys, entries)
+        finally:
+            pool.gate.release_shared()
 
     def read_token(self) -> tuple[int, int]:
         """A value that changes whenever this volume's bytes may have changed: after every write,
