@@ -151,3 +151,23 @@ def test_a_client_gone_mid_payload_leaves_the_blocks_free(served: tuple[Recordin
     pool.commit()
     export.volume.write(0, b"x" * 4096)  # the blocks are usable
     assert isinstance(export.volume, ThinVolume)
+
+
+def test_a_write_target_that_fails_leaves_the_ordinary_write(pool: Pool, serve: Serve) -> None:
+    nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
+    from devmapper.errors import DeviceError
+
+    class Refusing(Recording):
+        def write_target(self, offset: int, length: int) -> Any:
+            raise DeviceError("no direct path today", "EIO")
+
+    export = Refusing(pool.open_thin(0, 8 * MiB // 512), "vol")
+    export.volume.write(0, bytes(2 * MiB))
+    _server, path = serve({"vol": export})
+    h = nbd.NBD()
+    h.set_export_name("vol")
+    h.connect_unix(path)
+    h.pwrite(pattern(8, MiB), 0)
+    assert h.pread(MiB, 0) == pattern(8, MiB) and export.writes == [(0, MiB)]
+    h.shutdown()
+    export.close()

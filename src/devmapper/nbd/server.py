@@ -497,23 +497,29 @@ class _Connection:
             return
         assert self._write_target is not None
         sock, got, eof = self.sock, filled, False
-        with self._write_target(req.offset, req.length) as target:
+        try:
+            holder = self._write_target(req.offset, req.length)
+            target = holder.__enter__()
+        except Exception as e:  # e.g. a pool that fails I/O: the ordinary write reports it
+            log.debug("NBD direct write not taken: %s", e)
+            return
+        try:
             if target is None:
                 return
             target[:filled] = payload[:filled]
             deadline = time.monotonic() + DIRECT_BUDGET
-            try:
-                while got < req.length:
-                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                    n = sock.recv_into(target[got:])
-                    if not n:
-                        eof = True
-                        break
-                    got += n
-            except TimeoutError:
-                pass  # a slow client: the rest goes the ordinary way, without holding the blocks
-            finally:
-                sock.settimeout(None)
+            while got < req.length:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                n = sock.recv_into(target[got:])
+                if not n:
+                    eof = True
+                    break
+                got += n
+        except TimeoutError:
+            pass  # a slow client: the rest goes the ordinary way, without holding the blocks
+        finally:
+            sock.settimeout(None)
+            holder.__exit__(None, None, None)
         self._direct_done = got
         if got > filled:
             self.proto.buffer_updated(got - filled)  # counted, not copied: the bytes are in place
