@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from devmapper.nbd.server import NbdServer
+from devmapper.thin.pool import Pool
+from pool.support import make_pool_files
 
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
@@ -40,3 +42,14 @@ def serve() -> Iterator[Serve]:
     for server, d in started:
         server.shutdown()
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[Pool]:
+    """A pool of 128 data blocks (8 MiB) with thin 0 created; checked clean afterwards."""
+    files = make_pool_files(tmp_path / "pool", data_blocks=128)
+    pool = files.open()
+    pool.create_thin(0)
+    yield pool
+    pool.close()
+    files.check()

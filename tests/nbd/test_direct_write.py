@@ -9,7 +9,6 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import nbd_wire as wire
@@ -21,20 +20,10 @@ from devmapper.nbd import server as nbd_server
 from devmapper.nbd.protocol import Cmd, Opt
 from devmapper.thin.pool import Pool
 from devmapper.thin.volume import ThinVolume
-from pool.support import make_pool_files, pattern
+from pool.support import pattern
 
 MiB = 1 << 20
 BLOCK = 64 << 10
-
-
-@pytest.fixture
-def pool(tmp_path: Path) -> Iterator[Pool]:
-    files = make_pool_files(tmp_path / "pool", data_blocks=128)  # 8 MiB
-    pool = files.open()
-    pool.create_thin(0)
-    yield pool
-    pool.close()
-    files.check()
 
 
 class Recording(ThinExport):

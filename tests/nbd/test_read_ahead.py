@@ -19,7 +19,6 @@ from devmapper.control.table import parse_table
 from devmapper.nbd import server as nbd_server
 from devmapper.thin.pool import Pool
 from devmapper.thin.volume import ThinVolume
-from pool.support import make_pool_files
 
 nbd = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
 
@@ -40,16 +39,6 @@ class CountingExport(ThinExport):
     def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         self.readintos.append((offset, len(buf)))
         super().readinto(offset, buf)
-
-
-@pytest.fixture
-def pool(tmp_path: Path) -> Iterator[Pool]:
-    files = make_pool_files(tmp_path / "pool", data_blocks=128)  # 8 MiB
-    pool = files.open()
-    pool.create_thin(0)
-    yield pool
-    pool.close()
-    files.check()
 
 
 @pytest.fixture
