@@ -86,6 +86,11 @@ def _payload_len(payload: Payload) -> int:
     return payload if isinstance(payload, int) else len(payload)
 
 
+def _consecutive(blocks: list[int]) -> bool:
+    """Whether a non-empty list of data blocks is one stretch of the data file, in order."""
+    return blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+
+
 def runs(sorted_items: list[int]) -> Iterator[tuple[int, int]]:
     """[begin, end) runs of consecutive integers in an ascending list."""
     i = 0
@@ -216,8 +221,8 @@ class ThinVolume:
     def _readinto_locked(self, offset: int, out: memoryview) -> None:
         """``_readinto`` under the block locks of every block touched, taken in ascending order (every
         other path holds one block lock at a time, or several in ascending order: no deadlock)."""
-        bs, dev, locks = self._bs, self.dev_id, self.pool.locks
-        keys: list[Hashable] = [(dev, v) for v in range(offset // bs, (offset + len(out) - 1) // bs + 1)]
+        locks = self.pool.locks
+        keys = self._block_keys(offset, len(out))
         entries = locks.acquire_many(keys)
         try:
             self._serve(self._runs(offset, len(out)), offset, out)
@@ -232,7 +237,7 @@ class ThinVolume:
         last = (offset + length - 1) // bs
         vblocks, blocks = self.pool.md.map_range(self.dev_id, first, last + 1)
         n = last - first + 1
-        if len(vblocks) == n and blocks == list(range(blocks[0], blocks[0] + n)):
+        if len(vblocks) == n and _consecutive(blocks):
             return [(0, blocks[0] * bs + within, length)]  # the common case: all mapped, in order
         if not vblocks:
             return [(0, -1, length)]
@@ -296,27 +301,18 @@ class ThinVolume:
         None otherwise (then use ``write``).  The range counts as changed afterwards, however much
         of it was written."""
         self._check(offset, length)
-        pool, bs, dev = self.pool, self._bs, self.dev_id
-        first, within = divmod(offset, bs)
-        last = (offset + length - 1) // bs
-        keys: list[Hashable] = [(dev, v) for v in range(first, last + 1)]
-        view = None
-        pool.gate.acquire_shared()
-        try:
-            entries = pool.locks.acquire_many(keys)
+        data = self.pool.data
+        with self._in_place(offset, length) as blocks:
+            view = None
+            if blocks is not None and _consecutive(blocks):
+                start = blocks[0] * self._bs + offset % self._bs
+                if data.cached(start, length):
+                    view = data.mapped(start, length)
             try:
-                blocks = pool.md.in_place_range(dev, first, last + 1)
-                start = -1 if blocks is None else blocks[0] * bs + within
-                consecutive = blocks is not None and blocks == list(range(blocks[0], blocks[0] + len(blocks)))
-                if consecutive and pool.data.cached(start, length):
-                    view = pool.data.mapped(start, length)
                 yield view
             finally:
                 if view is not None:
-                    pool.note_change(dev)
-                pool.locks.release_many(keys, entries)
-        finally:
-            pool.gate.release_shared()
+                    self.pool.note_change(self.dev_id)
 
     def read_token(self) -> tuple[int, int]:
         """A value that changes whenever this volume's bytes may have changed: after every write,
@@ -327,36 +323,49 @@ class ThinVolume:
         return self.pool.change_mark(self.dev_id), self.pool.md.epoch
 
     def _write_in_place(self, offset: int, mv: memoryview, fua: bool) -> bool:
-        """A write across several blocks that are all mapped and unshared, at the cost of one: one
-        gate hold, the blocks' locks in ascending order, one range lookup, then each block's piece
-        with its own ``pwritev`` as ``_put`` would.  False, with nothing written, when some block
-        is unmapped or shared (the write then goes piece by piece)."""
-        pool, bs, dev = self.pool, self._bs, self.dev_id
-        first, within = divmod(offset, bs)
-        last = (offset + len(mv) - 1) // bs
-        keys: list[Hashable] = [(dev, v) for v in range(first, last + 1)]
+        """A write across several blocks that are all mapped and unshared, at the cost of one:
+        ``_in_place`` holds them, then each block's piece gets its own ``pwritev`` as ``_put`` would,
+        or one call covers them all when they are consecutive and cached (module docstring).  False,
+        with nothing written, when some block is unmapped or shared (the write then goes piece by
+        piece)."""
+        bs, length = self._bs, len(mv)
+        with self._in_place(offset, length) as blocks:
+            if blocks is None:
+                return False
+            write, within = self.pool.data.write, offset % bs
+            start = blocks[0] * bs + within
+            if _consecutive(blocks) and self.pool.data.cached(start, length):
+                write(start, [mv], fua)  # one stretch of cached pages: one call, and no new folios
+                return True
+            pos = 0
+            for b in blocks:
+                n = min(bs - within, length - pos)
+                write(b * bs + within, [mv[pos : pos + n]], fua)
+                pos += n
+                within = 0
+            return True
+
+    @contextmanager
+    def _in_place(self, offset: int, length: int) -> Iterator[list[int] | None]:
+        """Hold the gate (shared) and the locks of every block of [offset, offset + length), taken
+        together in ascending order, and yield their data blocks if all are mapped and unshared
+        (``in_place_range``), else None."""
+        pool = self.pool
+        keys = self._block_keys(offset, length)
         pool.gate.acquire_shared()
         try:
             entries = pool.locks.acquire_many(keys)
             try:
-                blocks = pool.md.in_place_range(dev, first, last + 1)
-                if blocks is None:
-                    return False
-                data, pos, length = pool.data, 0, len(mv)
-                write, start = data.write, blocks[0] * bs + within
-                if blocks == list(range(blocks[0], blocks[0] + len(blocks))) and data.cached(start, length):
-                    write(start, [mv], fua)  # one stretch of cached pages: one call, and no new folios
-                    return True
-                for b in blocks:
-                    n = min(bs - within, length - pos)
-                    write(b * bs + within, [mv[pos : pos + n]], fua)
-                    pos += n
-                    within = 0
-                return True
+                yield pool.md.in_place_range(self.dev_id, offset // self._bs, (offset + length - 1) // self._bs + 1)
             finally:
                 pool.locks.release_many(keys, entries)
         finally:
             pool.gate.release_shared()
+
+    def _block_keys(self, offset: int, length: int) -> list[Hashable]:
+        """The lock keys of the blocks of [offset, offset + length), in ascending order."""
+        bs, dev = self._bs, self.dev_id
+        return [(dev, v) for v in range(offset // bs, (offset + length - 1) // bs + 1)]
 
     def _complete_fua(self) -> None:
         if self.pool.changed_this_transaction(self.dev_id):
