@@ -85,7 +85,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from queue import SimpleQueue
 from typing import Protocol
 
@@ -497,29 +497,28 @@ class _Connection:
             return
         assert self._write_target is not None
         sock, got, eof = self.sock, filled, False
-        try:
-            holder = self._write_target(req.offset, req.length)
-            target = holder.__enter__()
-        except Exception as e:  # e.g. a pool that fails I/O: the ordinary write reports it
-            log.debug("NBD direct write not taken: %s", e)
-            return
-        try:
+        with ExitStack() as held:
+            try:
+                target = held.enter_context(self._write_target(req.offset, req.length))
+            except Exception as e:  # e.g. a pool that fails I/O: the ordinary write reports it
+                log.debug("NBD direct write not taken: %s", e)
+                return
             if target is None:
                 return
             target[:filled] = payload[:filled]
             deadline = time.monotonic() + DIRECT_BUDGET
-            while got < req.length:
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                n = sock.recv_into(target[got:])
-                if not n:
-                    eof = True
-                    break
-                got += n
-        except TimeoutError:
-            pass  # a slow client: the rest goes the ordinary way, without holding the blocks
-        finally:
-            sock.settimeout(None)
-            holder.__exit__(None, None, None)
+            try:
+                while got < req.length:
+                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                    n = sock.recv_into(target[got:])
+                    if not n:
+                        eof = True
+                        break
+                    got += n
+            except TimeoutError:
+                pass  # a slow client: the rest goes the ordinary way, without holding the blocks
+            finally:
+                sock.settimeout(None)
         self._direct_done = got
         if got > filled:
             self.proto.buffer_updated(got - filled)  # counted, not copied: the bytes are in place
@@ -721,12 +720,7 @@ class _Connection:
                 self.pool.put(buf)
             self._note_read(req.offset, n)
         if self._readinto is not None and n >= _BufferPool.MIN:
-            buf = self.pool.get(n)
-            try:
-                self._readinto(req.offset, buf)
-            except BaseException:
-                self.pool.put(buf)
-                raise
+            buf = self._read_pooled(req.offset, n)
             out += (self.proto.reply_read(req.cookie, req.offset, n), buf)
             recycle.append(buf)
             return
@@ -753,16 +747,23 @@ class _Connection:
             token = self._read_token()
             if token is None:
                 return  # the export cannot tell now whether its bytes change
-            buf = self.pool.get(n)
-            try:
-                self._readinto(offset, buf)
-            except BaseException:
-                self.pool.put(buf)
-                raise
+            buf = self._read_pooled(offset, n)
         except Exception as e:
             log.debug("NBD read-ahead skipped: %s", e)
             return
         self._ahead = (offset, buf, token)
+
+    def _read_pooled(self, offset: int, n: int) -> bytearray:
+        """n bytes from offset read by the export's ``readinto`` into a pool buffer (given back to
+        the pool if the read fails)."""
+        assert self._readinto is not None
+        buf = self.pool.get(n)
+        try:
+            self._readinto(offset, buf)
+        except BaseException:
+            self.pool.put(buf)
+            raise
+        return buf
 
     def _do_write(self, req: p.Request, out: Buffers, recycle: list[bytearray]) -> None:
         assert self.export is not None and req.payload is not None
