@@ -42,11 +42,8 @@ class MetadataReader:
             self.nr_data_blocks = 0
 
     def superblock_info(self) -> SuperblockInfo:
-        sb = self.roots_sb  # with -m, thin_dump reports the snapshot copy's time and transaction
-        return SuperblockInfo(
-            uuid="", time=sb.time, transaction=sb.trans_id, flags=sb.flags, version=sb.version,
-            data_block_size=sb.data_block_size, nr_data_blocks=self.nr_data_blocks,
-        )
+        # with -m, thin_dump reports the snapshot copy's time and transaction
+        return superblock_info(self.roots_sb, self.nr_data_blocks)
 
     def device_roots(self) -> Iterator[tuple[int, int]]:
         """(thin id, mapping subtree root) in ascending id order."""
@@ -62,6 +59,14 @@ class MetadataReader:
 
     def runs(self, subtree_root: int) -> Iterator[Run]:
         return runs_of(self.mappings(subtree_root))
+
+
+def superblock_info(sb: Superblock, nr_data_blocks: int) -> SuperblockInfo:
+    """What a dump reports of a superblock (thin_dump leaves the uuid empty)."""
+    return SuperblockInfo(
+        uuid="", time=sb.time, transaction=sb.trans_id, flags=sb.flags, version=sb.version,
+        data_block_size=sb.data_block_size, nr_data_blocks=nr_data_blocks,
+    )
 
 
 def runs_of(mappings: Iterable[tuple[int, int]]) -> Iterator[Run]:

@@ -29,11 +29,9 @@ from collections.abc import Callable, Iterator
 from devmapper.blockdev.base import BlockDevice
 from devmapper.errors import DevmapperError, MetadataError
 from devmapper.format.records import DeviceDetails
-from devmapper.format.superblock import Superblock
-from devmapper.pdata.block_manager import BlockManager
 from devmapper.pdata.transaction_manager import TransactionManager
-from devmapper.thin.dump import runs_of
-from devmapper.thin.ir import DeviceInfo, MetadataVisitor, SuperblockInfo
+from devmapper.thin.dump import MetadataReader, runs_of, superblock_info
+from devmapper.thin.ir import DeviceInfo, MetadataVisitor
 
 __all__ = ["RepairReport", "salvage"]
 
@@ -104,14 +102,13 @@ class _Walker:
 
 def salvage(dev: BlockDevice, visitor: MetadataVisitor, progress: Progress | None = None) -> RepairReport:
     """Replay everything readable in the metadata on dev to visitor; see the module docstring."""
-    tm = TransactionManager(BlockManager(dev))
-    tm.read_only = True
     try:
-        sb = Superblock.unpack(tm.bm.read(0), 0)
+        reader = MetadataReader(dev)
     except (DevmapperError, ValueError) as e:
         raise MetadataError(f"the superblock is damaged ({e}); nothing can be salvaged without it") from e
+    sb, nr_data_blocks = reader.sb, reader.nr_data_blocks
     report = RepairReport()
-    walker = _Walker(tm, report)
+    walker = _Walker(reader.tm, report)
     details: dict[int, DeviceDetails] = {}
     for dev_id, raw in walker.items("details tree", sb.device_details_root):
         try:
@@ -119,11 +116,7 @@ def salvage(dev: BlockDevice, visitor: MetadataVisitor, progress: Progress | Non
         except (DevmapperError, ValueError):
             pass  # rebuilt below if the device has mappings
     roots = dict(walker.items("mapping tree", sb.data_mapping_root))
-    nr_data_blocks = sb.data_sm_root.nr_blocks
-    visitor.superblock_b(SuperblockInfo(
-        uuid="", time=sb.time, transaction=sb.trans_id, flags=sb.flags, version=sb.version,
-        data_block_size=sb.data_block_size, nr_data_blocks=nr_data_blocks,
-    ))
+    visitor.superblock_b(superblock_info(sb, nr_data_blocks))
     ids = sorted(set(details) | set(roots))
     for n, dev_id in enumerate(ids):
         if progress is not None:
