@@ -23,6 +23,7 @@ APT_PACKAGES=(
     e2fsprogs
     xfsprogs
     busybox-static
+    openssl
     python3-venv
     python3-pip
 )
