@@ -107,6 +107,32 @@ def _connect_raw(path: str) -> socket.socket:
     return raw
 
 
+def test_a_payload_after_its_header_goes_straight_in_from_its_first_byte(
+    served: tuple[Recording, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header that arrives alone: the payload's first receive already goes into the volume (no
+    bytes land in the payload buffer first, to be copied over)."""
+    seen: list[int] = []
+    receive_direct = nbd_server._Connection._receive_direct
+
+    def spy(self: Any, req: Any, payload: memoryview, filled: int) -> bool:
+        seen.append(filled)
+        return receive_direct(self, req, payload, filled)
+
+    monkeypatch.setattr(nbd_server._Connection, "_receive_direct", spy)
+    export, path = served
+    raw = _connect_raw(path)
+    data = pattern(9, MiB)
+    raw.sendall(wire.request(Cmd.WRITE, 3 * BLOCK, MiB, cookie=5))
+    time.sleep(0.05)  # the server has parsed the header and waits for the payload
+    raw.sendall(data)
+    _magic, error, cookie = struct.unpack(">IIQ", raw.recv(16, socket.MSG_WAITALL))
+    assert (error, cookie) == (0, 5)
+    assert seen == [0] and export.targets == 1 and not export.writes
+    assert export.volume.read(3 * BLOCK, MiB) == data
+    raw.close()
+
+
 def test_a_stalled_client_does_not_hold_up_a_commit(
     served: tuple[Recording, str], pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -79,6 +79,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import ssl
 import stat
@@ -483,18 +484,19 @@ class _Connection:
 
     def _recv(self) -> None:
         proto = self.proto
-        proto.buffer_updated(self.sock.recv_into(proto.get_buffer()))
         if self._write_target is not None:
             partial = proto.partial_payload()
-            if partial is not None and partial[0] is not self._direct_req:
-                self._receive_direct(*partial)
+            if partial is not None and partial[0] is not self._direct_req and self._receive_direct(*partial):
+                return
+        proto.buffer_updated(self.sock.recv_into(proto.get_buffer()))
 
-    def _receive_direct(self, req: p.Request, payload: memoryview, filled: int) -> None:
+    def _receive_direct(self, req: p.Request, payload: memoryview, filled: int) -> bool:
         """Receive the rest of a large WRITE payload straight into the export's storage when it
-        offers a ``write_target`` for the range (see "Direct writes")."""
+        offers a ``write_target`` for the range (see "Direct writes").  True if any bytes (or the
+        end of the stream) were taken this way."""
         self._direct_req, self._direct_done = req, 0
         if req.flags & _FUA or req.length < DIRECT_MIN:
-            return
+            return False
         assert self._write_target is not None
         sock, got, eof = self.sock, filled, False
         with ExitStack() as held:
@@ -502,28 +504,35 @@ class _Connection:
                 target = held.enter_context(self._write_target(req.offset, req.length))
             except Exception as e:  # e.g. a pool that fails I/O: the ordinary write reports it
                 log.debug("NBD direct write not taken: %s", e)
-                return
+                return False
             if target is None:
-                return
-            target[:filled] = payload[:filled]
+                return False
+            if filled:
+                target[:filled] = payload[:filled]
             deadline = time.monotonic() + DIRECT_BUDGET
-            try:
-                while got < req.length:
-                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                    n = sock.recv_into(target[got:])
-                    if not n:
-                        eof = True
-                        break
-                    got += n
-            except TimeoutError:
-                pass  # a slow client: the rest goes the ordinary way, without holding the blocks
-            finally:
-                sock.settimeout(None)
+            waiter: select.poll | None = None
+            while got < req.length:
+                try:  # what has arrived, without sleeping: one syscall while the client keeps up
+                    n = sock.recv_into(target[got:], 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break  # a slow client: the rest goes the ordinary way, without holding the blocks
+                    if waiter is None:
+                        waiter = select.poll()
+                        waiter.register(sock, select.POLLIN)
+                    waiter.poll(left * 1000 + 1)
+                    continue
+                if not n:
+                    eof = True
+                    break
+                got += n
         self._direct_done = got
         if got > filled:
             self.proto.buffer_updated(got - filled)  # counted, not copied: the bytes are in place
         if eof:
             self.proto.buffer_updated(0)
+        return got > filled or eof
 
     # -- handshake ----------------------------------------------------------------------------
 
