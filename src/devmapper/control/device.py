@@ -38,7 +38,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from devmapper.control.errors import DmError
 from devmapper.control.lower import DM_MAJOR, DevNo, Lower
@@ -318,6 +318,21 @@ class MappedDevice:
             for target, within, pos, n in table.pieces(offset, len(mv)):
                 target.write(within, mv[pos : pos + n], fua)
 
+    @contextmanager
+    def write_target(self, offset: int, length: int) -> Iterator[memoryview | None]:
+        """Where a write of [offset, offset + length) may be put straight into storage (the NBD
+        server's direct writes): the target's own ``write_target`` when one target holds the whole
+        range, else None.  Held as I/O in flight, so a suspend waits until the caller is done."""
+        with self.io():
+            self._check_writable()
+            pieces = list(self._live(offset, length).pieces(offset, length))
+            if len(pieces) != 1:
+                yield None
+                return
+            target, within, _pos, n = pieces[0]
+            with target.write_target(within, n) as view:
+                yield view
+
     def flush(self) -> None:
         with self.io():
             for target in self._live(0, 0).targets:
@@ -376,6 +391,10 @@ class DeviceView:
 
     def write(self, offset: int, data: Buffer, fua: bool = False) -> None:
         self._dev().write(offset, data, fua)
+
+    def write_target(self, offset: int, length: int) -> AbstractContextManager[memoryview | None]:
+        """See ``MappedDevice.write_target`` (the NBD server receives large WRITEs straight into it)."""
+        return self._dev().write_target(offset, length)
 
     def flush(self) -> None:
         self._dev().flush()

@@ -20,6 +20,7 @@ by a table of the same type (both hold for ``thin-pool``).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, ClassVar
 
 from devmapper.control.errors import DmError
@@ -131,6 +132,12 @@ class Target:
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         raise DmError("EIO", f"{self.type_name}: I/O error")
+
+    def write_target(self, offset: int, length: int) -> AbstractContextManager[memoryview | None]:
+        """Where a write of [offset, offset + length) may be put straight into storage: a context
+        yielding a writable view of it, held for the write, or None -- then use ``write`` (the
+        default; thin targets over mapped, unshared blocks offer a view of the data file)."""
+        return nullcontext(None)
 
     def flush(self) -> None:
         """Make completed writes durable."""

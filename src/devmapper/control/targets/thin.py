@@ -15,7 +15,8 @@ thin ``<pool dev> <dev id> [<external origin dev>]``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 from devmapper.control.errors import DmError
@@ -194,6 +195,12 @@ class ThinTarget(Target):
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         self._io(lambda: self.volume.write(offset, data, fua))
+
+    @contextmanager
+    def write_target(self, offset: int, length: int) -> Iterator[memoryview | None]:
+        """``ThinVolume.write_target`` inside the pool device's I/O gate (a pool suspend waits for it)."""
+        with self.pool_dev.io(), self.volume.write_target(offset, length) as view:
+            yield view
 
     def flush(self) -> None:
         self._io(self.volume.flush)
