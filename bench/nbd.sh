@@ -3,7 +3,7 @@
 #
 #   bench/nbd.sh [WORKDIR]        (default: a fresh directory under /var/tmp; kept with KEEP=1)
 #
-# Environment: RUNTIME (s per fio job, default 4), RAMP (s, default 1), ROUNDS (main table, 2),
+# Environment: RUNTIME (s per fio job, default 4), RAMP (s, default 1), ROUNDS (main table, 3),
 # DEPTH_ROUNDS (snapshot-depth rows, 3), SIZE_MIB (1024), DEPTH (100),
 # WORKERS (worker threads per connection of our server, default 4), NO_PIN=1 to skip CPU pinning.
 #
@@ -21,6 +21,10 @@
 # Snapshot depth: random 4 KiB reads from the volume at depth 1, 10, 100 of our snapshot chain and of
 # a qcow2 backing chain (populated base + 4 MiB per layer), qemu-nbd --cache=writeback, read-only.
 # With two cores the servers run on CPU 1 and fio on CPU 0 (taskset) unless NO_PIN=1.
+# Before every job: `sync` (no job pays for writing back another's dirty pages) and a read of the
+# whole export through its server (nbdcopy to null:), so every page-cache target starts warm.  The
+# page cache does not keep idle files: a VM's reclaim (here DAMON pageout of file pages unused for a
+# minute) empties it between a target's turns, and a job that starts cold measures the disk.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -28,7 +32,7 @@ ROOT=$(dirname "$HERE")
 PY=${PY:-$ROOT/.venv/bin/python}
 DEVMAPPER=${DEVMAPPER:-$ROOT/.venv/bin/devmapper}
 RUNTIME=${RUNTIME:-4}
-ROUNDS=${ROUNDS:-2}
+ROUNDS=${ROUNDS:-3}
 DEPTH_ROUNDS=${DEPTH_ROUNDS:-3}
 RAMP=${RAMP:-1}
 SIZE_MIB=${SIZE_MIB:-1024}
@@ -85,8 +89,17 @@ declare -A ROW=(
 )
 MAIN_ROWS=(seqread-1M-qd1 seqwrite-1M-qd1 randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd32)
 
+warm() {  # warm TARGET: flush dirty pages, then read the target's export through its server
+    sync
+    case $1 in
+        raw | qcow2direct) ;;  # O_DIRECT: the page cache is not theirs to use
+        *) nbdcopy "${URI[$1]}" null: 2>/dev/null || true ;;
+    esac
+}
+
 job() {  # job TARGET ROW ROUND ENGINE-ARGS...
     local target=$1 row=$2 round=$3; shift 3
+    warm "$target"
     # shellcheck disable=SC2086
     "${CLI[@]}" fio --name="$target-$row" ${ROW[$row]} --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
         --size="${SIZE_MIB}M" --output-format=json --output="results/${target}__${row}__r${round}.json" "$@" >/dev/null 2>&1 \
@@ -121,9 +134,6 @@ for n in 1 10 100; do
     URI[qcow2wb-d$n]="nbd+unix:///?socket=$WORK/q$n.sock"
     start "qcow2-d$n" "q$n.sock" "${URI[qcow2wb-d$n]}" qemu-nbd -r -k "$WORK/q$n.sock" -f qcow2 --cache=writeback -t "$top"
     URI[ours-d$n]="nbd+unix:///d$n?socket=$WORK/ours.sock"
-done
-for t in ours qcow2wb nbdkit qcow2wb-d1 qcow2wb-d10 qcow2wb-d100 ours-d1 ours-d10 ours-d100; do
-    nbdcopy "${URI[$t]}" null: 2>/dev/null || true  # warm every page-cache target the same way
 done
 
 target_args() {  # the fio engine arguments of a target
