@@ -97,22 +97,32 @@ def setup(d: Path, size_mib: int, depth: int) -> None:
 # -- report -----------------------------------------------------------------------------------------
 
 
-def _load(d: Path, target: str, row: str) -> dict[str, float] | None:
-    """The best round of target on row (``results/<target>__<row>__r<N>.json``), or None."""
-    best: dict[str, float] | None = None
+def _rounds(d: Path, target: str, row: str) -> dict[int, dict[str, float]]:
+    """Each round of target on row (``results/<target>__<row>__r<N>.json``) by round number."""
+    out: dict[int, dict[str, float]] = {}
     for path in sorted((d / "results").glob(f"{target}__{row}__r*.json")):
         text = path.read_text()
         text = text[text.index("{") :]  # fio may print "connected to NBD server" first
         job = json.loads(text)["jobs"][0]
         side = job["write"] if job["write"]["io_bytes"] else job["read"]
-        r = {
+        out[int(path.stem.rsplit("__r", 1)[1])] = {
             "IOPS": float(side["iops"]),
             "MB/s": float(side["bw_bytes"]) / 1e6,
             "p50": float(side["clat_ns"]["percentile"].get("50.000000", 0)) / 1000,
         }
-        if best is None or r["IOPS"] > best["IOPS"]:
-            best = r
-    return best
+    return out
+
+
+def _load(d: Path, target: str, row: str) -> dict[str, float] | None:
+    """The best round of target on row, or None."""
+    return max(_rounds(d, target, row).values(), key=lambda r: r["IOPS"], default=None)
+
+
+def _won(d: Path, row: str, rival: str) -> str:
+    """In how many rounds ours was at least rival (the two ran one after the other), as "k/n"."""
+    ours, theirs = _rounds(d, "ours", row), _rounds(d, rival, row)
+    both = sorted(set(ours) & set(theirs))
+    return "-" if not both else f"{sum(ours[n]['IOPS'] >= theirs[n]['IOPS'] for n in both)}/{len(both)}"
 
 
 def _fmt(v: float | None, unit: str) -> str:
@@ -133,8 +143,9 @@ def report(d: Path, png: Path | None) -> int:
             main[(target, row)] = None if r is None else r[unit]
     cols = [t for t, _ in MAIN_TARGETS]
     head = f"{'workload':<24}" + "".join(f"{t:>13}" for t in cols)
-    head += f"{'ours/qcow2wb':>14}{'ours/nbdkit':>13}{'ours/raw':>10}"
-    print("\nMain table (IOPS or MB/s, best of the rounds; fio nbd engine over unix sockets)")
+    head += f"{'ours/qcow2wb':>14}{'won':>6}{'ours/nbdkit':>13}{'ours/raw':>10}"
+    print("\nMain table (IOPS or MB/s, best of the rounds; fio nbd engine over unix sockets; won = rounds in")
+    print("which ours was at least qcow2wb, the two running one after the other)")
     print(head)
     print("-" * len(head))
     goals: list[tuple[str, bool]] = []
@@ -142,7 +153,7 @@ def report(d: Path, png: Path | None) -> int:
         vals = [main[(t, row)] for t in cols]
         ours, qwb, kit, raw = main[("ours", row)], main[("qcow2wb", row)], main[("nbdkit", row)], main[("raw", row)]
         line = f"{title + ' ' + unit:<24}" + "".join(f"{_fmt(v, unit):>13}" for v in vals)
-        line += f"{_ratio(ours, qwb):>14}{_ratio(ours, kit):>13}{_ratio(ours, raw):>10}"
+        line += f"{_ratio(ours, qwb):>14}{_won(d, row, 'qcow2wb'):>6}{_ratio(ours, kit):>13}{_ratio(ours, raw):>10}"
         print(line)
         if ours and qwb:
             goals.append((f">= qemu-nbd qcow2 (writeback) on {title}", ours >= qwb))
