@@ -15,8 +15,10 @@ Removing a device whose loop device is mounted fails (busy) unless deferred.
 NBD: every mapped device with a live table is also an NBD export named after it, on the unix socket
 ``<runtime dir>/nbd.sock`` (``nbd+unix:///NAME?socket=<runtime dir>/nbd.sock``) and, with
 ``--nbd-tcp PORT``, on 127.0.0.1; ``--no-nbd`` turns this off.  ``--nbd-tls on|require`` with
-``--nbd-tls-certificates DIR`` offers or demands TLS (``nbds+unix://``, ``nbds://``).  Suspending a device
-holds its I/O but does not freeze a filesystem on it (``sync`` first, as with ``--nolockfs``).
+``--nbd-tls-certificates DIR`` offers or demands TLS (``nbds+unix://``, ``nbds://``); ``--nbd-poll-us``
+sets how long a reader polls for a busy client's next request (0: never; see ``nbd/server.py``).
+Suspending a device holds its I/O but does not freeze a filesystem on it (``sync`` first, as with
+``--nolockfs``).
 
 Directories: ``--runtime-dir``/``--state-dir`` win; then ``$DEVMAPPER_RUNTIME_DIR`` and
 ``$DEVMAPPER_STATE_DIR``; then, as root, ``/run/devmapper`` and ``/var/lib/devmapper``; otherwise
@@ -38,11 +40,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from devmapper.cli.nbd import poll_us
 from devmapper.control.exports import ExportHub
 from devmapper.control.nbd_exports import DeviceExports
 from devmapper.control.server import Daemon, DaemonRunningError
 from devmapper.errors import DevmapperError
-from devmapper.nbd.server import NbdServer
+from devmapper.nbd.server import POLL, NbdServer
 from devmapper.nbd.tls import server_context
 
 LOG_NAME = "daemon.log"
@@ -110,6 +113,9 @@ def register(sub: Any) -> None:
                    help="server-cert.pem, server-key.pem (and ca-cert.pem for --nbd-tls-verify-peer)")
     p.add_argument("--nbd-tls-verify-peer", action="store_true",
                    help="require NBD client certificates signed by DIR/ca-cert.pem")
+    p.add_argument("--nbd-poll-us", type=poll_us, default=POLL * 1e6, metavar="US",
+                   help="poll this long for a busy NBD client's next request before sleeping "
+                        f"(default {POLL * 1e6:g}; 0: never poll)")
     p.set_defaults(handler=run)
 
 
@@ -159,7 +165,9 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"devmapper daemon: {e}\n")
         return 1
     os.chdir("/")
-    nbd = None if args.no_nbd else _start_nbd(daemon, runtime_dir.absolute(), args.nbd_tcp, tls, args.nbd_tls)
+    nbd = None
+    if not args.no_nbd:
+        nbd = _start_nbd(daemon, runtime_dir.absolute(), args.nbd_tcp, tls, args.nbd_tls, args.nbd_poll_us / 1e6)
     try:
         daemon.serve_forever()
     finally:
@@ -170,9 +178,9 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _start_nbd(
-    daemon: Daemon, runtime_dir: Path, tcp_port: int | None, tls: ssl.SSLContext | None, policy: str
+    daemon: Daemon, runtime_dir: Path, tcp_port: int | None, tls: ssl.SSLContext | None, policy: str, poll: float
 ) -> NbdServer:
-    server = NbdServer(DeviceExports(daemon.manager), tls=tls, tls_required=policy == "require")
+    server = NbdServer(DeviceExports(daemon.manager), tls=tls, tls_required=policy == "require", poll=poll)
     server.serve_unix(runtime_dir / NBD_SOCKET)
     if tcp_port is not None:
         host, port = server.serve_tcp("127.0.0.1", tcp_port)

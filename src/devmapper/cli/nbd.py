@@ -31,7 +31,7 @@ from typing import Any, TextIO
 from devmapper.errors import DeviceError, ToolError
 from devmapper.export import Extent, merge_extents
 from devmapper.format.superblock import Superblock
-from devmapper.nbd.server import NbdServer
+from devmapper.nbd.server import POLL, NbdServer
 from devmapper.nbd.tls import server_context
 from devmapper.thin.data_device import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 from devmapper.thin.pool import Pool
@@ -237,6 +237,17 @@ def _tcp_address(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def poll_us(text: str) -> float:
+    """``--poll-us``: microseconds, 0 or more (at most a second)."""
+    try:
+        us = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad polling time {text!r}: expected microseconds") from None
+    if not 0 <= us <= 1e6:
+        raise argparse.ArgumentTypeError(f"polling time {text} out of range: 0 to 1000000 microseconds")
+    return us
+
+
 def _block_size_of(metadata: str, default: int) -> int:
     """The data block size (sectors) recorded in existing metadata, else ``default``."""
     with open(metadata, "rb") as f:
@@ -290,7 +301,7 @@ def _handler(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         table = {e.name: e for e in exports}
         server = NbdServer(
             table, default_export=exports[0].name, workers=args.workers, min_block=args.min_block,
-            read_only=args.read_only, tls=tls, tls_required=args.tls == "require",
+            read_only=args.read_only, tls=tls, tls_required=args.tls == "require", poll=args.poll_us / 1e6,
         )
         with server:
             where, scheme = [], "nbd" if tls is None else "nbds"
@@ -334,6 +345,9 @@ def register(sub: Any) -> None:
     net.add_argument("--read-only", action="store_true", help="export read-only")
     net.add_argument("--workers", type=int, default=4, help="worker threads per connection (0: all inline)")
     net.add_argument("--min-block", type=int, default=1, help="advertised minimum block size (power of 2)")
+    net.add_argument("--poll-us", type=poll_us, default=POLL * 1e6, metavar="US",
+                     help="poll this long for a busy client's next request before sleeping "
+                          f"(default {POLL * 1e6:g}; 0: never poll)")
     net.add_argument("--tls", choices=("off", "on", "require"), default="off",
                      help="offer TLS (STARTTLS), or require it before any other option (default: off)")
     net.add_argument("--tls-certificates", metavar="DIR",
