@@ -301,13 +301,9 @@ class ThinVolume:
         None otherwise (then use ``write``).  The range counts as changed afterwards, however much
         of it was written."""
         self._check(offset, length)
-        data = self.pool.data
         with self._in_place(offset, length) as blocks:
-            view = None
-            if blocks is not None and _consecutive(blocks):
-                start = blocks[0] * self._bs + offset % self._bs
-                if data.cached(start, length):
-                    view = data.mapped(start, length)
+            start = None if blocks is None else self._cached_stretch(offset, length, blocks)
+            view = None if start is None else self.pool.data.mapped(start, length)
             try:
                 yield view
             finally:
@@ -333,8 +329,8 @@ class ThinVolume:
             if blocks is None:
                 return False
             write, within = self.pool.data.write, offset % bs
-            start = blocks[0] * bs + within
-            if _consecutive(blocks) and self.pool.data.cached(start, length):
+            start = self._cached_stretch(offset, length, blocks)
+            if start is not None:
                 write(start, [mv], fua)  # one stretch of cached pages: one call, and no new folios
                 return True
             pos = 0
@@ -344,6 +340,14 @@ class ThinVolume:
                 pos += n
                 within = 0
             return True
+
+    def _cached_stretch(self, offset: int, length: int, blocks: list[int]) -> int | None:
+        """Where [offset, offset + length) starts in the data file when its data blocks (from
+        ``_in_place``) are one stretch, in order, and all its pages are cached; else None."""
+        if not _consecutive(blocks):
+            return None
+        start = blocks[0] * self._bs + offset % self._bs
+        return start if self.pool.data.cached(start, length) else None
 
     @contextmanager
     def _in_place(self, offset: int, length: int) -> Iterator[list[int] | None]:
